@@ -1,0 +1,96 @@
+"""Load and save the transformer in the official (diffusers) checkpoint layout; seeded random weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint_io import assign_strict, load_tensors, weight_files
+from .config import TransformerConfig
+from .model import Cosmos3Transformer
+
+WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+def load_transformer(
+    folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Cosmos3Transformer:
+    """Build on the meta device and assign the official `transformer/` weights (one file or shards), strictly.
+
+    The time embedder stays in fp32, as in the reference. Video-tower projections are fused after loading.
+    """
+    folder = Path(folder)
+    cfg = TransformerConfig.from_folder(folder)
+    files = weight_files(folder, WEIGHTS_STEM)
+    with torch.device("meta"):
+        model = Cosmos3Transformer(cfg)
+    state = load_tensors(files, device)
+    ignore = frozenset(
+        k for k in state if k in Cosmos3Transformer.unused_keys or k.startswith(Cosmos3Transformer.unused_prefixes)
+    )
+    assign_strict(model, state, dtype, ignore=ignore, keep_fp32=Cosmos3Transformer.keep_fp32, where=str(folder))
+    del state
+    model.eval().requires_grad_(False)
+    model.setup_buffers()
+    return model
+
+
+def init_random_(model: Cosmos3Transformer, seed: int) -> Cosmos3Transformer:
+    """Deterministic weights with O(1) activations: linears ~ N(0, 1/fan_in), norms 1 ± 0.1, embeddings N(0, 1).
+
+    Works on any device (the generator lives on the model's device), so Nano-size models fill in seconds.
+    """
+    dev = model.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            tmp = torch.empty(p.shape, device=dev, dtype=torch.float32)
+            tmp.normal_(generator=gen)
+            if name.endswith("norm.weight") or "norm" in name.split(".")[-2]:
+                tmp.mul_(0.1).add_(1.0)
+            elif name.endswith("bias"):
+                tmp.mul_(0.02)
+            elif p.ndim == 2 and not name.startswith("embed_tokens"):
+                tmp.mul_(1.0 / math.sqrt(p.shape[1]))
+            p.copy_(tmp)
+    return model
+
+
+def build_random(
+    cfg: TransformerConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    fuse: bool = True,
+) -> Cosmos3Transformer:
+    """A model with seeded random weights (embedded default, benchmarks): meta → to_empty → fill."""
+    with torch.device("meta"):
+        model = Cosmos3Transformer(cfg)
+    model.to_empty(device=device)
+    init_random_(model, seed)
+    model.to(dtype)
+    model.time_embedder.float()
+    model.eval().requires_grad_(False)
+    if fuse:
+        model.setup_buffers()
+    return model
+
+
+def official_config_dict(cfg: TransformerConfig) -> dict:
+    d = {"_class_name": "Cosmos3OmniTransformer", "_diffusers_version": "0.42.1"}
+    d.update(cfg.to_dict())
+    return d
+
+
+def save_transformer(model: Cosmos3Transformer, folder: str | Path) -> None:
+    """Write `config.json` + `diffusion_pytorch_model.safetensors` under the official key names (unfused model)."""
+    if any(layer.self_attn.fused for layer in model.layers):
+        raise ValueError("save_transformer needs the unfused model (save before setup_buffers)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = folder / f".{WEIGHTS_STEM}.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.rename(folder / f"{WEIGHTS_STEM}.safetensors")
+    (folder / "config.json").write_text(json.dumps(official_config_dict(model.cfg), indent=2) + "\n")

@@ -1,0 +1,164 @@
+"""Transformer configuration: read from `transformer/config.json`, or a named preset."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint_io import CheckpointError, read_json
+
+
+class ConfigError(ValueError):
+    """A transformer configuration that cannot describe a working model."""
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Every field of the reference's `Cosmos3OmniTransformer` config that changes the video path."""
+
+    hidden_size: int = 4096
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 12288
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+    rope_axes_dim: tuple[int, int, int] = (24, 20, 20)  # mRoPE slots per axis (time, row, column)
+    attention_bias: bool = False
+    hidden_act: str = "silu"  # "silu" (gated MLP) or "relu2" (Edge: ungated, squared ReLU)
+    qk_norm_for_text: bool = True
+    use_und_k_norm_for_gen: bool = False
+    latent_channel: int = 48
+    latent_patch_size: int = 2
+    patch_latent_dim: int = 192
+    timestep_scale: float = 0.001
+    vocab_size: int = 151936
+    base_fps: int = 24
+    enable_fps_modulation: bool = True
+    unified_3d_mrope_reset_spatial_ids: bool = True
+    unified_3d_mrope_temporal_modality_margin: int = 15000
+    # Extra heads that video generation never runs; their weights are accepted and skipped on load.
+    sound_gen: bool = False
+    action_gen: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def norm_style(self) -> str:
+        """The two RMSNorm flavours of the reference differ only in where bf16 rounding happens."""
+        return "nemotron" if self.hidden_act == "relu2" else "standard"
+
+    def validate(self) -> None:
+        problems = []
+        if self.hidden_act not in ("silu", "relu2"):
+            problems.append(f"hidden_act must be 'silu' or 'relu2', got {self.hidden_act!r}")
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+            problems.append(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            problems.append(f"head_dim must be even, got {self.head_dim}")
+        if len(self.rope_axes_dim) != 3 or sum(self.rope_axes_dim) != self.head_dim // 2:
+            problems.append(
+                f"rope_axes_dim {list(self.rope_axes_dim)} must have 3 entries summing to head_dim/2 = {self.head_dim // 2}"
+            )
+        else:
+            half = self.head_dim // 2
+            rows = len(range(1, min(3 * self.rope_axes_dim[1], half), 3))
+            cols = len(range(2, min(3 * self.rope_axes_dim[2], half), 3))
+            if (rows, cols) != tuple(self.rope_axes_dim[1:]):
+                problems.append(f"rope_axes_dim {list(self.rope_axes_dim)}: row/column sections do not fit the interleaved layout")
+        p = self.latent_patch_size
+        if self.patch_latent_dim != p * p * self.latent_channel:
+            problems.append(
+                f"patch_latent_dim ({self.patch_latent_dim}) must equal latent_patch_size² × latent_channel "
+                f"({p}² × {self.latent_channel} = {p * p * self.latent_channel})"
+            )
+        if self.use_und_k_norm_for_gen and self.qk_norm_for_text:
+            problems.append("use_und_k_norm_for_gen only applies when qk_norm_for_text is false")
+        if problems:
+            raise ConfigError("invalid transformer config: " + "; ".join(problems))
+
+    def check_vae(self, z_dim: int) -> None:
+        if z_dim != self.latent_channel:
+            raise ConfigError(
+                f"transformer latent_channel ({self.latent_channel}) does not match the VAE z_dim ({z_dim}); "
+                "the transformer and vae folders come from different models"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TransformerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
+        axes = raw.get("rope_axes_dim")
+        if axes is None and isinstance(raw.get("rope_scaling"), dict):
+            axes = raw["rope_scaling"].get("mrope_section")
+        if axes is not None:
+            kwargs["rope_axes_dim"] = tuple(int(a) for a in axes)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> TransformerConfig:
+        path = Path(folder) / "config.json"
+        try:
+            return cls.from_dict(read_json(path))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rope_axes_dim"] = list(self.rope_axes_dim)
+        return d
+
+
+PRESETS: dict[str, TransformerConfig] = {
+    # Tiny: the embedded default model and the tests. vocab covers the built-in tokenizer.
+    "debug": TransformerConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        rope_axes_dim=(4, 2, 2),
+        vocab_size=1024,
+    ),
+    # Tiny Edge-style variant (ungated relu² MLP, no text q/k norm, extra k-norm for the video tower).
+    "debug_edge": TransformerConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        rope_axes_dim=(4, 2, 2),
+        vocab_size=1024,
+        hidden_act="relu2",
+        qk_norm_for_text=False,
+        use_und_k_norm_for_gen=True,
+    ),
+    # The reference's defaults: Cosmos3 Nano.
+    "nano": TransformerConfig(),
+}
+
+
+def preset(name: str) -> TransformerConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+
+
+def replace(cfg: TransformerConfig, **changes) -> TransformerConfig:
+    return dataclasses.replace(cfg, **changes)
+
+
+__all__ = ["ConfigError", "TransformerConfig", "PRESETS", "preset", "replace", "CheckpointError", "field"]

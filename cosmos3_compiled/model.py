@@ -1,0 +1,351 @@
+"""Cosmos3 Omni transformer (video generation path), written for the compiler.
+
+Two towers share each layer: the text tower ("und") and the video tower ("gen"). The text tower never
+sees video tokens or the timestep, so its per-layer keys/values are computed once per prompt
+(`text_pass`) into static buffers; the video tower runs every denoising step (`video_step`), writing
+its own keys/values into the tail of the same buffers so attention reads one contiguous sequence.
+
+Reads in paper order: embed → blocks → head. No compile calls, no distributed code, no file I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from . import ops
+from .config import TransformerConfig
+
+_SDPA_BACKENDS = {
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, style: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.style = style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.style)
+
+
+class MLP(nn.Module):
+    """`down(silu(gate(x)) · up(x))`, or the Edge `down(relu(up(x))²)`; gate|up may be fused into `gate_up`."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.act = act
+        self.hidden = hidden
+        if act == "silu":
+            self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.fused = False
+
+    def fuse_(self) -> None:
+        """Replace gate_proj and up_proj by one `gate_up` linear (one GEMM instead of two)."""
+        if self.act != "silu" or self.fused:
+            return
+        w = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
+        self.gate_up = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.gate_up.weight = nn.Parameter(w, requires_grad=False)
+        del self.gate_proj, self.up_proj
+        self.fused = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act == "relu2":
+            return self.down_proj(torch.relu(self.up_proj(x)).square())
+        if self.fused:
+            gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    """Weights of both towers' attention, under the official key names."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d, hd, hq, hkv, bias = (
+            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_bias,
+        )
+        self.hq, self.hkv, self.hd = hq, hkv, hd
+        # text tower
+        self.to_q = nn.Linear(d, hq * hd, bias=bias)
+        self.to_k = nn.Linear(d, hkv * hd, bias=bias)
+        self.to_v = nn.Linear(d, hkv * hd, bias=bias)
+        self.to_out = nn.Linear(hq * hd, d, bias=bias)
+        if cfg.qk_norm_for_text:
+            self.norm_q = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_style)
+            self.norm_k = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_style)
+        if cfg.use_und_k_norm_for_gen:
+            self.k_norm_und_for_gen = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_style)
+        # video tower
+        self.add_q_proj = nn.Linear(d, hq * hd, bias=bias)
+        self.add_k_proj = nn.Linear(d, hkv * hd, bias=bias)
+        self.add_v_proj = nn.Linear(d, hkv * hd, bias=bias)
+        self.to_add_out = nn.Linear(hq * hd, d, bias=bias)
+        self.norm_added_q = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_style)
+        self.norm_added_k = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_style)
+        self.fused = False
+
+    def fuse_(self) -> None:
+        """One q|k|v GEMM for the video tower, and the q/k norm weights laid out per head for `apply_qk_norm`."""
+        if self.fused:
+            return
+        lin = [self.add_q_proj, self.add_k_proj, self.add_v_proj]
+        w = torch.cat([m.weight.data for m in lin])
+        b = torch.cat([m.bias.data for m in lin]) if lin[0].bias is not None else None
+        self.gen_qkv = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        self.gen_qkv.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            self.gen_qkv.bias = nn.Parameter(b, requires_grad=False)
+        del self.add_q_proj, self.add_k_proj, self.add_v_proj
+        self.fused = True
+
+    def gen_qk_norm_weight(self) -> torch.Tensor:
+        q = self.norm_added_q.weight.expand(self.hq, self.hd)
+        k = self.norm_added_k.weight.expand(self.hkv, self.hd)
+        return torch.cat([q, k])  # [Hq + Hkv, D]
+
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str) -> torch.Tensor:
+    """SDPA over token-major tensors q [N, Hq, D], k/v [M, Hkv, D] (GQA: head h reads kv head h // groups)."""
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, D]
+    if backend == "auto":
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=True)
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=True)
+    return rearrange(out, "1 h n d -> n (h d)")  # [N, Hq·D]
+
+
+class Cosmos3Layer(nn.Module):
+    """One decoder layer. `forward` is the video tower's step (the repeated block compiled regionally);
+    `text_forward` is the text tower, run once per prompt."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d, eps, style = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style
+        self.cfg = cfg
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act)
+        self.mlp_moe_gen = MLP(d, cfg.intermediate_size, cfg.hidden_act)
+        self.input_layernorm = RMSNorm(d, eps, style)
+        self.input_layernorm_moe_gen = RMSNorm(d, eps, style)
+        self.post_attention_layernorm = RMSNorm(d, eps, style)
+        self.post_attention_layernorm_moe_gen = RMSNorm(d, eps, style)
+        self.attn_backend = "auto"
+
+    def setup_buffers(self) -> None:
+        """Static per-head q|k norm weight for the video tower (rebuilt whenever weights change)."""
+        self.register_buffer("gen_qk_norm_weight", self.self_attn.gen_qk_norm_weight().detach().clone(), persistent=False)
+
+    def text_forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+        last: bool,
+    ) -> torch.Tensor:
+        """Text tower on h [L, d]; writes the keys the video tower reads (after norm and RoPE) and the values
+        into k_out / v_out [L, Hkv, D]. The last layer's text MLP is skipped: nothing downstream reads it."""
+        a, cfg = self.self_attn, self.cfg
+        L = h.shape[0]
+        x = self.input_layernorm(h)
+        q = a.to_q(x).view(L, a.hq, a.hd)
+        k = a.to_k(x).view(L, a.hkv, a.hd)
+        v_out.copy_(a.to_v(x).view(L, a.hkv, a.hd))
+        if cfg.qk_norm_for_text:
+            q, k = a.norm_q(q), a.norm_k(k)
+        k_for_gen = a.k_norm_und_for_gen(k) if cfg.use_und_k_norm_for_gen else k
+        ops.apply_rope(k_for_gen, cos, sin, out=k_out)
+        if last:
+            return h
+        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        h = h + a.to_out(attention(q, k, v_out, causal=True, backend=self.attn_backend))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(
+        self, h: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Video tower on h [N, d]. k_buf / v_buf [L + N, Hkv, D] already hold the text keys/values in rows
+        [:L]; this step's keys (after norm and RoPE) and values are written straight into rows [L:]."""
+        a, cfg = self.self_attn, self.cfg
+        N = h.shape[0]
+        L = k_buf.shape[0] - N
+        qk_heads = a.hq + a.hkv
+        x = self.input_layernorm_moe_gen(h)
+        qkv = a.gen_qkv(x)  # [N, (Hq + 2·Hkv)·D]
+        qk = qkv[:, : qk_heads * a.hd].view(N, qk_heads, a.hd)
+        qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [N, Hq+Hkv, D]
+        q = ops.apply_rope(qk[:, : a.hq], cos, sin)  # [N, Hq, D]
+        ops.apply_rope(qk[:, a.hq :], cos, sin, out=k_buf[L:])
+        v_buf[L:] = qkv[:, qk_heads * a.hd :].view(N, a.hkv, a.hd)
+        h = h + a.to_add_out(attention(q, k_buf, v_buf, causal=False, backend=self.attn_backend))
+        return h + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(256, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t_scaled: torch.Tensor) -> torch.Tensor:
+        w = self.linear_1.weight
+        return self.linear_2(F.silu(self.linear_1(ops.timestep_sinusoid(t_scaled).to(w.dtype))))
+
+
+@dataclass
+class Branch:
+    """Everything one CFG branch's video step reads, allocated once (`Cosmos3Transformer.setup_branch`).
+
+    k_bufs / v_bufs: per layer `[L + N, Hkv, D]`, rows [:L] filled by the text pass, rows [L:] by each step.
+    cos / sin: video-token RoPE tables `[N, D/2]` (they depend on L through the temporal offset).
+    noisy: `[T, 1, 1]` 1.0 for frames being denoised, 0.0 for clean conditioning frames.
+    """
+
+    text_len: int
+    grid: tuple[int, int, int]  # latent frames, patch rows, patch columns
+    k_bufs: list[torch.Tensor]
+    v_bufs: list[torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    noisy: torch.Tensor
+
+
+class Cosmos3Transformer(nn.Module):
+    _repeated_blocks = ("Cosmos3Layer",)
+    # present in official checkpoints, never used for generation
+    unused_keys = frozenset({"norm.weight", "lm_head.weight"})
+    unused_prefixes = ("audio_", "action_")
+    keep_fp32 = ("time_embedder.",)
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Cosmos3Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
+        self.proj_in = nn.Linear(cfg.patch_latent_dim, cfg.hidden_size)
+        self.proj_out = nn.Linear(cfg.hidden_size, cfg.patch_latent_dim)
+        self.time_embedder = TimestepEmbedder(cfg.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_in.weight.device
+
+    # ---- set-up (outside any compiled region) -------------------------------------------------
+
+    def apply_fusion(self) -> None:
+        """Fuse the video tower's q|k|v and gate|up projections (exact: the same dot products)."""
+        for layer in self.layers:
+            layer.self_attn.fuse_()
+            layer.mlp_moe_gen.fuse_()
+
+    def setup_buffers(self) -> None:
+        """Fuse the video-tower projections (the step requires it) and build the per-head norm weights."""
+        self.apply_fusion()
+        for layer in self.layers:
+            layer.setup_buffers()
+
+    def set_attention_backend(self, backend: str) -> None:
+        if backend != "auto" and backend not in _SDPA_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose auto, {', '.join(_SDPA_BACKENDS)}")
+        for layer in self.layers:
+            layer.attn_backend = backend
+
+    def patch_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        t, h, w = latent_shape
+        p = self.cfg.latent_patch_size
+        return t, -(-h // p), -(-w // p)
+
+    def setup_branch(
+        self, text_len: int, latent_shape: tuple[int, int, int], fps: float, clean_frames: tuple[int, ...] = (),
+        temporal_compression: int = 4,
+    ) -> Branch:
+        """Allocate one CFG branch's static buffers and RoPE tables for a text length and latent size."""
+        cfg, dev, dt = self.cfg, self.device, self.dtype
+        grid = self.patch_grid(latent_shape)
+        n = grid[0] * grid[1] * grid[2]
+        shape = (text_len + n, cfg.num_key_value_heads, cfg.head_dim)
+        k_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
+        v_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
+        pos = ops.video_positions(
+            grid, text_len, fps, float(cfg.base_fps), cfg.unified_3d_mrope_temporal_modality_margin,
+            cfg.enable_fps_modulation, temporal_compression,
+        )
+        if not cfg.unified_3d_mrope_reset_spatial_ids:
+            pos[1:] += text_len + cfg.unified_3d_mrope_temporal_modality_margin
+        cos, sin = ops.mrope_tables(pos.to(dev), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, dt)
+        noisy = torch.ones(grid[0], 1, 1, device=dev, dtype=torch.float32)
+        for f in clean_frames:
+            noisy[f] = 0.0
+        return Branch(text_len, grid, k_bufs, v_bufs, cos, sin, noisy)
+
+    # ---- text tower: once per prompt and CFG branch --------------------------------------------
+
+    @torch.no_grad()
+    def text_pass(self, input_ids: torch.Tensor, branch: Branch) -> None:
+        """Run the text tower over `input_ids` [L] and fill rows [:L] of the branch's K/V buffers."""
+        L = input_ids.shape[0]
+        if L != branch.text_len:
+            raise ValueError(f"text pass got {L} tokens for a branch set up for {branch.text_len}")
+        cfg = self.cfg
+        cos, sin = ops.mrope_tables(
+            ops.text_positions(L).to(self.device), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype
+        )
+        h = self.embed_tokens(input_ids.to(self.device))  # [L, d]
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = layer.text_forward(h, cos, sin, branch.k_bufs[i][:L], branch.v_bufs[i][:L], last=i == last)
+
+    # ---- video tower: every denoising step -----------------------------------------------------
+
+    def embed_video(self, latents: torch.Tensor, timestep: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        """Patchify latents [1, C, T, h, w] (zero-padded to even h, w), project, add the timestep embedding
+        to the tokens of noisy frames. timestep: 0-dim fp32 scheduler timestep (already truncated)."""
+        p = self.cfg.latent_patch_size
+        x = latents[0].to(self.dtype)
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, (-w) % p, 0, (-h) % p))
+        t = x.shape[1]
+        tokens = rearrange(x, "c t (h p) (w q) -> (t h w) (p q c)", p=p, q=p)  # [N, p·p·C]
+        hid = self.proj_in(tokens)  # [N, d]
+        temb = self.time_embedder((timestep.float() * self.cfg.timestep_scale).reshape(1)).to(hid.dtype)  # [1, d]
+        hid = hid.view(t, -1, hid.shape[-1]) + noisy.to(hid.dtype) * temb  # [T, h·w, d]
+        return hid.view(-1, hid.shape[-1])
+
+    def unembed_video(self, hid: torch.Tensor, latent_shape: torch.Size, grid, noisy: torch.Tensor) -> torch.Tensor:
+        """Final norm, proj_out, unpatchify, crop the padding, zero the clean frames; fp32 [1, C, T, h, w]."""
+        p = self.cfg.latent_patch_size
+        out = self.proj_out(self.norm_moe_gen(hid))  # [N, p·p·C]
+        t, gh, gw = grid
+        v = rearrange(out, "(t h w) (p q c) -> c t (h p) (w q)", t=t, h=gh, w=gw, p=p, q=p)
+        v = v[:, :, : latent_shape[-2], : latent_shape[-1]].float() * noisy
+        return v.unsqueeze(0)
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """The video step: latents [1, C, T, h, w], timestep 0-dim → velocity [1, C, T, h, w] fp32."""
+        h = self.embed_video(latents, timestep, branch.noisy)
+        for layer, k_buf, v_buf in zip(self.layers, branch.k_bufs, branch.v_bufs):
+            h = layer(h, k_buf, v_buf, branch.cos, branch.sin)
+        return self.unembed_video(h, latents.shape, branch.grid, branch.noisy)
+
+    video_step = forward
