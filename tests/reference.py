@@ -1,0 +1,214 @@
+"""Tiny Cosmos3 checkpoints in the official diffusers layout, built with diffusers' own classes.
+
+Test helper (not a test file). Parity tests build a checkpoint here, run the diffusers reference
+pipeline on it, and compare our engine against it:
+
+    from reference import make_reference_checkpoint, load_reference_pipeline
+    folder = make_reference_checkpoint(tmp_path / "ckpt")
+    pipe = load_reference_pipeline(folder)
+
+Weights are random but not trivial: every RMSNorm / VAE gamma is 1 + 0.3·N(0,1) (a norm that is
+skipped or applied twice shows up), Linear weights have std 1/sqrt(fan_in) so activations stay O(1)
+through the layers, biases and latents_mean/std are non-zero and different per channel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cosmos3_compiled.prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
+
+LATENT_CHANNELS = 48  # Wan2.2 VAE z_dim; the transformer's patch features are 48·2·2 = 192
+
+
+def builtin_vocab_size(multiple: int = 64) -> int:
+    """The built-in tokenizer's id count rounded up (embedding tables are padded like the real 151936)."""
+    n = PromptTokenizer.builtin().vocab_size
+    return -(-n // multiple) * multiple
+
+
+def scheduler_config(sigma_schedule: str = "karras") -> dict:
+    """UniPC flow-matching settings: published Cosmos3 ("karras") or sglang's shifted flow sigmas ("shift")."""
+    common = dict(
+        num_train_timesteps=1000,
+        solver_order=2,
+        solver_type="bh2",
+        prediction_type="flow_prediction",
+        predict_x0=True,
+        thresholding=False,
+        lower_order_final=True,
+        disable_corrector=[],
+        use_flow_sigmas=True,
+        final_sigmas_type="zero",
+        timestep_spacing="linspace",
+        # Karras flow sigmas ignore flow_shift; a non-trivial value makes a scheduler that applies it anyway fail.
+        flow_shift=10.0,
+    )
+    if sigma_schedule == "karras":
+        return {**common, "use_karras_sigmas": True, "sigma_min": 0.147, "sigma_max": 200.0}
+    if sigma_schedule == "shift":
+        return {**common, "use_karras_sigmas": False}
+    raise ValueError(f"sigma_schedule must be 'karras' or 'shift', got {sigma_schedule!r}")
+
+
+@torch.no_grad()
+def _randomize_transformer(model: nn.Module, gen: torch.Generator) -> None:
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and "norm" in name:
+            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+        elif name.endswith("embed_tokens.weight"):
+            p.copy_(torch.randn(p.shape, generator=gen))
+        elif p.ndim == 2:
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+        elif p.ndim == 1:  # biases
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+@torch.no_grad()
+def _randomize_vae(vae: nn.Module, gen: torch.Generator) -> None:
+    for name, p in vae.named_parameters():
+        if name.endswith("gamma"):
+            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+        elif p.ndim == 1:  # conv / norm biases
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        else:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+
+
+def make_reference_checkpoint(
+    root: str | Path,
+    *,
+    num_kv_heads: int = 2,
+    num_heads: int = 4,
+    head_dim: int = 16,
+    hidden: int = 64,
+    layers: int = 2,
+    ffn: int = 128,
+    rope_axes_dim: tuple[int, int, int] = (4, 2, 2),
+    vocab_size: int | None = None,
+    vae_base_dim: int = 8,
+    vae_decoder_base_dim: int = 16,
+    vae_num_res_blocks: int = 1,
+    seed: int = 0,
+    sigma_schedule: str = "karras",
+    hidden_act: str = "silu",
+    qk_norm_for_text: bool = True,
+    use_und_k_norm_for_gen: bool = False,
+) -> Path:
+    """Write model_index.json, transformer/, vae/, scheduler/, text_tokenizer/ under `root`; return `root`.
+
+    `vocab_size` defaults to the built-in tokenizer size rounded up to a multiple of 64.
+    """
+    from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
+    from transformers import AutoTokenizer
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if vocab_size is None:
+        vocab_size = builtin_vocab_size()
+    gen = torch.Generator("cpu").manual_seed(seed)
+
+    transformer = Cosmos3OmniTransformer(
+        head_dim=head_dim,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_attention_heads=num_heads,
+        num_hidden_layers=layers,
+        num_key_value_heads=num_kv_heads,
+        rope_axes_dim=list(rope_axes_dim),
+        vocab_size=vocab_size,
+        hidden_act=hidden_act,
+        qk_norm_for_text=qk_norm_for_text,
+        use_und_k_norm_for_gen=use_und_k_norm_for_gen,
+        latent_channel=LATENT_CHANNELS,
+        patch_latent_dim=LATENT_CHANNELS * 4,
+    ).float()
+    _randomize_transformer(transformer, gen)
+
+    latents_mean = (0.5 * torch.randn(LATENT_CHANNELS, generator=gen)).tolist()
+    latents_std = (0.5 + torch.rand(LATENT_CHANNELS, generator=gen)).tolist()
+    vae = AutoencoderKLWan(
+        base_dim=vae_base_dim,
+        decoder_base_dim=vae_decoder_base_dim,
+        z_dim=LATENT_CHANNELS,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=vae_num_res_blocks,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        latents_mean=latents_mean,
+        latents_std=latents_std,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_temporal=4,
+        scale_factor_spatial=16,
+    ).float()
+    _randomize_vae(vae, gen)
+
+    scheduler = UniPCMultistepScheduler(**scheduler_config(sigma_schedule))
+    text_tokenizer = AutoTokenizer.from_pretrained(BUILTIN_TOKENIZER_DIR)
+
+    pipe = Cosmos3OmniPipeline(
+        transformer=transformer,
+        text_tokenizer=text_tokenizer,
+        vae=vae,
+        scheduler=scheduler,
+        enable_safety_checker=False,
+    )
+    pipe.save_pretrained(root, safe_serialization=True)
+    # Ship the tokenizer files exactly as committed (transformers would rewrite its config on save).
+    shutil.rmtree(root / "text_tokenizer")
+    shutil.copytree(BUILTIN_TOKENIZER_DIR, root / "text_tokenizer")
+    _check_layout(root)
+    return root
+
+
+def _check_layout(root: Path) -> None:
+    index = json.loads((root / "model_index.json").read_text())
+    for component in ("transformer", "vae", "scheduler", "text_tokenizer"):
+        if component not in index or not (root / component).is_dir():
+            raise RuntimeError(f"reference checkpoint {root} lacks component {component!r}")
+    if not list((root / "transformer").glob("*.safetensors")):
+        raise RuntimeError(f"reference checkpoint {root}/transformer has no safetensors weights")
+
+
+def load_reference_transformer(folder: str | Path):
+    """diffusers' Cosmos3OmniTransformer from `<folder>/transformer`, fp32, every weight checked.
+
+    Built from config.json and loaded strictly from the safetensors files: diffusers' own from_pretrained
+    refuses this model without `accelerate` (its fp32-kept time embedder needs low_cpu_mem_usage).
+    """
+    from diffusers import Cosmos3OmniTransformer
+    from safetensors.torch import load_file
+
+    component = Path(folder) / "transformer"
+    model = Cosmos3OmniTransformer.from_config(Cosmos3OmniTransformer.load_config(component))
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(component.glob("*.safetensors")):
+        state.update(load_file(file))
+    model.load_state_dict(state, strict=True)
+    return model.float().eval()
+
+
+def load_reference_pipeline(folder: str | Path):
+    """diffusers' Cosmos3OmniPipeline on the CPU in fp32, safety checker off."""
+    from diffusers import Cosmos3OmniPipeline
+
+    pipe = Cosmos3OmniPipeline.from_pretrained(
+        folder,
+        transformer=load_reference_transformer(folder),
+        dtype=torch.float32,
+        enable_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")
