@@ -1,0 +1,615 @@
+"""Wan2.2 video VAE (diffusers `AutoencoderKLWan` with `is_residual=True`), decode-first.
+
+Reads as the data flows: config → layers → encoder → decoder → `WanVAE` (the driver) → `load_vae`.
+
+Causal time handling. Every temporal convolution with kernel 3 sees the last two frames of its own
+input from the previous chunk ("history"). Histories start as zeros, and after each call a layer keeps
+the last two frames of `cat([history, input])`; this reproduces the reference's feature cache (whose
+first-chunk `None` / "Rep" markers stand for exactly those zero frames) without any marker state.
+Histories travel as a list of tensors in call order: a chunk function reads `prev[i]` for its i-th
+causal conv and appends the new history to `nxt`, so the chunk body is a pure function of
+(latent frame, histories) and traces with `torch.compile(fullgraph=True)`.
+
+Decode: latent frame 0 is the "first chunk" (no temporal upsampling, 1 output frame); every later
+latent frame gives `scale_factor_temporal` frames (4 for Wan2.2), so F = 1 + 4 (T - 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from cosmos3_compiled.checkpoint_io import CheckpointError, assign_strict, load_tensors, read_json, weight_files
+from cosmos3_compiled.progress import progress
+
+_HISTORY = 2  # frames of history a kernel-3 causal conv needs
+_NORM_EPS = 1e-12  # F.normalize's floor on the channel norm
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The subset of `vae/config.json` the Wan2.2 VAE uses; `from_dict` validates it."""
+
+    base_dim: int
+    decoder_base_dim: int
+    z_dim: int
+    dim_mult: tuple[int, ...]
+    num_res_blocks: int
+    temporal_downsample: tuple[bool, ...]
+    patch_size: int
+    in_channels: int
+    out_channels: int
+    latents_mean: tuple[float, ...]
+    latents_std: tuple[float, ...]
+    scale_factor_spatial: int
+    scale_factor_temporal: int
+
+    @property
+    def temporal_upsample(self) -> tuple[bool, ...]:
+        return self.temporal_downsample[::-1]
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "vae/config.json") -> "VAEConfig":
+        def fail(msg: str) -> None:
+            raise CheckpointError(f"{where}: {msg}")
+
+        name = raw.get("_class_name", "AutoencoderKLWan")
+        if name != "AutoencoderKLWan":
+            fail(f"_class_name is {name!r}; expected 'AutoencoderKLWan' (the Wan2.2 VAE)")
+        if raw.get("is_residual") is not True:
+            fail(
+                f"is_residual={raw.get('is_residual')!r}: only the Wan2.2 residual VAE (is_residual=true) is "
+                "supported, not the Wan2.1 VAE"
+            )
+
+        def pos_int(key: str, default=None) -> int:
+            v = raw.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                fail(f"{key} must be a positive integer, got {v!r}")
+            return v
+
+        base_dim = pos_int("base_dim")
+        dec_dim = raw.get("decoder_base_dim")
+        dec_dim = base_dim if dec_dim is None else pos_int("decoder_base_dim")
+        z_dim = pos_int("z_dim")
+        num_res_blocks = pos_int("num_res_blocks", 2)
+        patch = raw.get("patch_size")
+        if patch != 2:
+            fail(f"patch_size={patch!r}: only patch_size 2 (Wan2.2) is supported")
+        dim_mult = raw.get("dim_mult", [1, 2, 4, 4])
+        if not isinstance(dim_mult, list) or len(dim_mult) < 2 or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in dim_mult
+        ):
+            fail(f"dim_mult must be a list of >= 2 positive integers, got {dim_mult!r}")
+        tdown = raw.get("temperal_downsample", [False, True, True])
+        if not isinstance(tdown, list) or len(tdown) != len(dim_mult) - 1 or not all(isinstance(b, bool) for b in tdown):
+            fail(f"temperal_downsample must be {len(dim_mult) - 1} booleans (one per down stage), got {tdown!r}")
+        if raw.get("attn_scales", []) not in ([], None):
+            fail(f"attn_scales={raw['attn_scales']!r}: attention outside the middle block is not supported")
+        io = 3 * patch * patch
+        for key in ("in_channels", "out_channels"):
+            if raw.get(key) != io:
+                fail(f"{key}={raw.get(key)!r}; with patch_size {patch} it must be {io} (3 colours x {patch}x{patch})")
+        stats = {}
+        for key in ("latents_mean", "latents_std"):
+            v = raw.get(key)
+            if not isinstance(v, list) or len(v) != z_dim or not all(isinstance(s, (int, float)) for s in v):
+                fail(f"{key} must be a list of {z_dim} numbers (z_dim), got {type(v).__name__} of {len(v) if isinstance(v, list) else '?'}")
+            stats[key] = tuple(float(s) for s in v)
+        if not all(s > 0 for s in stats["latents_std"]):
+            fail("latents_std must be positive everywhere")
+        spatial = patch * 2 ** (len(dim_mult) - 1)
+        temporal = 2 ** sum(tdown)
+        if raw.get("scale_factor_spatial", spatial) != spatial:
+            fail(f"scale_factor_spatial={raw['scale_factor_spatial']!r} but the architecture gives {spatial}")
+        if raw.get("scale_factor_temporal", temporal) != temporal:
+            fail(f"scale_factor_temporal={raw['scale_factor_temporal']!r} but the architecture gives {temporal}")
+        return cls(
+            base_dim=base_dim,
+            decoder_base_dim=dec_dim,
+            z_dim=z_dim,
+            dim_mult=tuple(dim_mult),
+            num_res_blocks=num_res_blocks,
+            temporal_downsample=tuple(tdown),
+            patch_size=patch,
+            in_channels=io,
+            out_channels=io,
+            latents_mean=stats["latents_mean"],
+            latents_std=stats["latents_std"],
+            scale_factor_spatial=spatial,
+            scale_factor_temporal=temporal,
+        )
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+def _rms_norm(x: Tensor, gamma: Tensor, scale: float, dim: int) -> Tensor:
+    """x / ||x||_dim * sqrt(C) * gamma, normalising in fp32 for half types and rounding like the reference."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        xf = x.float()
+        y = xf.div_(torch.linalg.vector_norm(xf, dim=dim, keepdim=True).clamp_min_(_NORM_EPS)).to(x.dtype)
+    else:
+        y = x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(_NORM_EPS)
+    return y.mul_(scale).mul_(gamma)  # two roundings, in the reference's order
+
+
+class RMSNorm(nn.Module):
+    """Channel RMS norm with a learned gain; `gamma` keeps the checkpoint's broadcast shape."""
+
+    def __init__(self, dim: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.empty(dim, *([1] * spatial_dims)))
+        self.scale = dim**0.5
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, T, H, W]
+        return _rms_norm(x, self.gamma, self.scale, dim=1)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d, zero-padded in space and causal in time; kernel-3 layers carry a 2-frame history."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin, *kernel))
+        self.bias = nn.Parameter(torch.empty(cout))
+        self.stride = stride
+        self.spatial_pad = (0, kernel[1] // 2, kernel[2] // 2)
+        self.memory_format = torch.contiguous_format
+
+    def pointwise(self, x: Tensor) -> Tensor:
+        return F.conv3d(x, self.weight, self.bias)
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        """x: [B, Cin, t, H, W] → [B, Cout, t, H, W]; reads prev[len(nxt)], appends this layer's history to nxt."""
+        if prev is None:  # first chunk: the history is zeros
+            xin = F.pad(x, (0, 0, 0, 0, _HISTORY, 0))
+        else:
+            xin = torch.cat([prev[len(nxt)], x], dim=2)  # [B, Cin, 2 + t, H, W]
+        nxt.append(xin[:, :, -_HISTORY:].clone(memory_format=self.memory_format))
+        return F.conv3d(xin, self.weight, self.bias, self.stride, self.spatial_pad)
+
+
+class _Slot1(nn.Module):
+    """Holds a Conv2d under the name `1`, where the checkpoint keeps it (`resample.1.*`)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.add_module("1", conv)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return getattr(self, "1")
+
+
+def _per_frame(x: Tensor, fn) -> Tensor:
+    """Apply a 2D op to every frame of [B, C, T, H, W] (a view, not a copy, in channels_last_3d)."""
+    b = x.shape[0]
+    y = fn(rearrange(x, "b c t h w -> (b t) c h w"))
+    return rearrange(y, "(b t) c h w -> b c t h w", b=b)
+
+
+class ResidualBlock(nn.Module):
+    """silu(norm) → causal conv, twice, plus a (1×1×1 conv when widths differ) shortcut."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cin)
+        self.conv1 = CausalConv3d(cin, cout, (3, 3, 3))
+        self.norm2 = RMSNorm(cout)
+        self.conv2 = CausalConv3d(cout, cout, (3, 3, 3))
+        self.conv_shortcut = CausalConv3d(cin, cout, (1, 1, 1)) if cin != cout else None
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        skip = x if self.conv_shortcut is None else self.conv_shortcut.pointwise(x)
+        y = self.conv1(F.silu(self.norm1(x), inplace=True), prev, nxt)
+        y = self.conv2(F.silu(self.norm2(y), inplace=True), prev, nxt)
+        return y.add_(skip)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (middle block only)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, spatial_dims=2)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, T, H, W]
+        b, c, t, h, w = x.shape
+        tokens = rearrange(x, "b c t h w -> (b t) (h w) c")
+        tokens = _rms_norm(tokens, self.norm.gamma.view(c), self.norm.scale, dim=-1)
+        qkv = F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias)  # [(b t), h w, 3C]
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # [(b t), 1, h w, C] each
+        y = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        y = F.linear(y, self.proj.weight.flatten(1), self.proj.bias)
+        return x + rearrange(y, "(b t) (h w) c -> b c t h w", b=b, h=h)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        x = self.resnets[0](x, prev, nxt)
+        x = self.attentions[0](x)
+        return self.resnets[1](x, prev, nxt)
+
+
+# -------------------------------------------------------------------------------------------- encoder
+
+
+def _avg_down(x: Tensor, cout: int, ft: int, fs: int) -> Tensor:
+    """Shortcut of a residual down block: fold (ft, fs, fs) into channels, then average groups of channels.
+
+    Frames are zero-padded at the front to a multiple of ft (the first chunk of 1 frame).
+    """
+    pad = (ft - x.shape[2] % ft) % ft
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, pad, 0))
+    x = rearrange(x, "b c (t a) (h p) (w q) -> b (c a p q) t h w", a=ft, p=fs, q=fs)
+    return rearrange(x, "b (o g) t h w -> b o g t h w", o=cout).mean(dim=2)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom, 3×3 stride-2 conv per frame; '3d' also halves time with a stride-2 causal conv."""
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = _Slot1(nn.Conv2d(dim, dim, 3, stride=2))
+        self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        conv = self.resample.conv
+        x = _per_frame(x, lambda f: conv(F.pad(f, (0, 1, 0, 1))))
+        if self.time_conv is None:
+            return x
+        # The time conv keeps one frame of history and is skipped on the first chunk (1 frame in, 1 out).
+        tail = x[:, :, -1:].clone()
+        if prev is not None:
+            tc = self.time_conv
+            x = F.conv3d(torch.cat([prev[len(nxt)], x], dim=2), tc.weight, tc.bias, tc.stride)
+        nxt.append(tail)
+        return x
+
+
+class ResidualDownBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, num_res_blocks: int, temporal: bool, down: bool) -> None:
+        super().__init__()
+        self.cout, self.ft, self.fs = cout, (2 if temporal else 1), (2 if down else 1)
+        if cin * self.ft * self.fs * self.fs % cout:
+            raise CheckpointError(f"VAE down block {cin}->{cout}: channel widths do not divide the shortcut grouping")
+        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_res_blocks)])
+        self.downsampler = Downsample(cout, temporal) if down else None
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        skip = _avg_down(x, self.cout, self.ft, self.fs)
+        for resnet in self.resnets:
+            x = resnet(x, prev, nxt)
+        if self.downsampler is not None:
+            x = self.downsampler(x, prev, nxt)
+        return x.add_(skip)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        last = len(cfg.dim_mult) - 1
+        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], (3, 3, 3))
+        self.down_blocks = nn.ModuleList(
+            ResidualDownBlock(
+                dims[i],
+                dims[i + 1],
+                cfg.num_res_blocks,
+                temporal=i != last and cfg.temporal_downsample[i],
+                down=i != last,
+            )
+            for i in range(len(cfg.dim_mult))
+        )
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, (3, 3, 3))
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        x = self.conv_in(x, prev, nxt)
+        for block in self.down_blocks:
+            x = block(x, prev, nxt)
+        x = self.mid_block(x, prev, nxt)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), prev, nxt)
+
+
+# -------------------------------------------------------------------------------------------- decoder
+
+
+def _add_dup_up_(x: Tensor, src: Tensor, ft: int, fs: int, first: bool) -> Tensor:
+    """x += DupUp3D(src): channels of `src` repeated, then unfolded into (ft, fs, fs) sub-positions.
+
+    Output channel o at sub-position s = (a, p, q) reads src channel (o·ft·fs² + s) // reps with
+    reps = C_out·ft·fs² / C_in. The two Wan2.2 cases are added through broadcast views (no temporary);
+    on the first chunk only the last temporal sub-position (a = ft - 1) survives.
+    """
+    b, cout, _, _, _ = x.shape
+    cin, t, h, w = src.shape[1:]
+    fac = ft * fs * fs
+    reps = cout * fac // cin
+    a0 = ft - 1 if first else 0
+    na = ft - a0
+    xv = x.view(b, cout, t, na, h, fs, w, fs)
+    if reps % fac == 0:  # every src channel fills whole output channels
+        k = reps // fac
+        xv.view(b, cin, k, t, na, h, fs, w, fs).add_(src.view(b, cin, 1, t, 1, h, 1, w, 1))
+    elif reps == fs:  # src channel o·ft·fs + a·fs + p, repeated over q
+        s = src.view(b, cout, ft, fs, t, h, w)[:, :, a0:]
+        xv.add_(s.permute(0, 1, 4, 2, 5, 3, 6).unsqueeze(-1))
+    else:  # general case: materialise the repeat
+        rep = rearrange(src.repeat_interleave(reps, dim=1), "b (o a p q) t h w -> b o t a h p w q", a=ft, p=fs, q=fs)
+        xv.add_(rep[:, :, :, a0:])
+    return x
+
+
+class Upsample(nn.Module):
+    """Nearest-exact ×2 in space + 3×3 conv per frame; '3d' first doubles time with a causal conv to 2C channels."""
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = _Slot1(nn.Conv2d(dim, dim, 3, padding=1))
+        self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1)) if temporal else None
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
+        if self.time_conv is not None:
+            if first:  # frame 0 is not doubled; the time conv's history starts as zeros
+                b, c, _, h, w = x.shape
+                z = x.new_zeros(b, c, _HISTORY, h, w)
+                nxt.append(z.contiguous(memory_format=self.time_conv.memory_format))
+            else:
+                y = self.time_conv(x, prev, nxt)  # [B, 2C, t, H, W]
+                x = rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+        conv = self.resample.conv
+        # Nearest-neighbour copies are exact in any dtype, so no fp32 round trip is needed.
+        return _per_frame(x, lambda f: conv(F.interpolate(f, scale_factor=2.0, mode="nearest-exact")))
+
+
+class ResidualUpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, num_res_blocks: int, temporal: bool, up: bool) -> None:
+        super().__init__()
+        self.ft, self.fs, self.up = (2 if temporal else 1), 2, up
+        if up and cout * self.ft * 4 % cin:
+            raise CheckpointError(f"VAE up block {cin}->{cout}: channel widths do not divide the shortcut repeat")
+        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_res_blocks + 1)])
+        self.upsampler = Upsample(cout, temporal) if up else None
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
+        src = x
+        for resnet in self.resnets:
+            x = resnet(x, prev, nxt)
+        if self.upsampler is None:
+            return x
+        x = self.upsampler(x, prev, nxt, first)
+        return _add_dup_up_(x, src, self.ft, self.fs, first)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        mults = cfg.dim_mult
+        dims = [cfg.decoder_base_dim * m for m in (mults[-1], *mults[::-1])]
+        last = len(mults) - 1
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], (3, 3, 3))
+        self.mid_block = MidBlock(dims[0])
+        self.up_blocks = nn.ModuleList(
+            ResidualUpBlock(
+                dims[i],
+                dims[i + 1],
+                cfg.num_res_blocks,
+                temporal=i != last and cfg.temporal_upsample[i],
+                up=i != last,
+            )
+            for i in range(len(mults))
+        )
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, (3, 3, 3))
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
+        x = self.conv_in(x, prev, nxt)
+        x = self.mid_block(x, prev, nxt)
+        for block in self.up_blocks:
+            x = block(x, prev, nxt, first)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), prev, nxt)
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+class WanVAE(nn.Module):
+    """Wan2.2 VAE with the checkpoint's module names (`encoder.*`, `quant_conv.*`, `post_quant_conv.*`, `decoder.*`).
+
+    Compilable units (pure functions of tensors; `cosmos3_compiled/compile.py` may replace the instance
+    attributes with `torch.compile(..., fullgraph=True)` versions — `decode_frames` calls them through `self`):
+      * `decoder_first_chunk(x)` — latent frame 0, [1, z, 1, h, w] → (patches [1, 12, 1, h·8, w·8], histories)
+      * `decoder_chunk(x, histories)` — every later latent frame → (patches [1, 12, 4, h·8, w·8], histories)
+    Patches are already clamped to [-1, 1]; histories is a list of tensors (one per causal conv).
+    """
+
+    def __init__(self, cfg: VAEConfig, with_encoder: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg) if with_encoder else None
+        self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, (1, 1, 1)) if with_encoder else None
+        self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, (1, 1, 1))
+        self.decoder = Decoder(cfg)
+        self.memory_format = torch.contiguous_format
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    def apply_channels_last_3d(self) -> "WanVAE":
+        """Store conv weights and activations channels-last (NDHWC), the layout tensor-core convs prefer."""
+        self.memory_format = torch.channels_last_3d
+        for m in self.modules():
+            if isinstance(m, CausalConv3d):
+                m.memory_format = torch.channels_last_3d
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        return self
+
+    def _stats(self) -> tuple[Tensor, Tensor]:
+        """(mean, 1/std) as [1, z, 1, 1, 1] in the VAE dtype, computed like the diffusers pipeline does."""
+        dt, dev = self.dtype, self.device
+        mean = torch.tensor(self.cfg.latents_mean, dtype=dt, device=dev).view(1, -1, 1, 1, 1)
+        inv_std = (1.0 / torch.tensor(self.cfg.latents_std, dtype=dt, device=dev)).view(1, -1, 1, 1, 1)
+        return mean, inv_std
+
+    # ---- decode
+
+    def decoder_first_chunk(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        nxt: list[Tensor] = []
+        y = self.decoder(x, None, nxt, first=True)
+        return y.clamp_(-1.0, 1.0), nxt
+
+    def decoder_chunk(self, x: Tensor, prev: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        nxt: list[Tensor] = []
+        y = self.decoder(x, prev, nxt, first=False)
+        return y.clamp_(-1.0, 1.0), nxt
+
+    def output_shape(self, z_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+        """[B, 3, F, H, W] of the video that decodes from a latent of `z_shape`."""
+        b, _, t, h, w = z_shape
+        s = self.cfg.scale_factor_spatial
+        return (b, 3, 1 + self.cfg.scale_factor_temporal * (t - 1), h * s, w * s)
+
+    def _check_latent(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor):
+            raise ValueError(f"latent must be a torch.Tensor, got {type(z).__name__}")
+        if z.ndim != 5:
+            raise ValueError(f"latent must be [B, {self.cfg.z_dim}, T, h, w]; got rank {z.ndim} shape {tuple(z.shape)}")
+        if z.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"latent has {z.shape[1]} channels but the VAE's z_dim is {self.cfg.z_dim}; shape {tuple(z.shape)}")
+        if min(z.shape) < 1:
+            raise ValueError(f"latent has an empty axis (B, T, h and w must be >= 1); shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise ValueError(f"latent must be a floating-point tensor, got {z.dtype}")
+
+    @torch.no_grad()
+    def decode_frames(self, z: Tensor, *, out: Tensor | None = None, progress_desc: str = "decode") -> Tensor:
+        """Normalised latent [B, z, T, h, w] → video [B, 3, 1 + 4(T-1), 16h, 16w] in [-1, 1].
+
+        De-normalises like the pipeline (z / (1/std) + mean, in the VAE dtype), applies `post_quant_conv`
+        to the whole latent, then decodes one latent frame at a time, writing each chunk's frames
+        (unpatchified) straight into `out` (allocated in the VAE dtype when not given).
+        """
+        self._check_latent(z)
+        shape = self.output_shape(tuple(z.shape))
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        elif tuple(out.shape) != shape or not out.is_floating_point() or out.device != self.device:
+            raise ValueError(
+                f"out must be a floating tensor of shape {shape} on {self.device}; "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+        mean, inv_std = self._stats()
+        x = self.post_quant_conv.pointwise(z.to(device=self.device, dtype=self.dtype) / inv_std + mean)
+        x = x.contiguous(memory_format=self.memory_format)  # [B, z, T, h, w]
+        b, _, t, _, _ = x.shape
+        p = self.cfg.patch_size
+        hist: list[Tensor] = []
+        f0 = 0
+        for i in progress(range(t), desc=progress_desc, total=t):
+            xi = x[:, :, i : i + 1]
+            y, hist = self.decoder_first_chunk(xi) if i == 0 else self.decoder_chunk(xi, hist)
+            n, hp, wp = y.shape[2:]
+            # Unpatchify into place: patch channel c·p² + col·p + row → pixel (h·p + row, w·p + col).
+            dst = out[:, :, f0 : f0 + n].view(b, 3, n, hp, p, wp, p)
+            dst.copy_(y.view(b, 3, p, p, n, hp, wp).permute(0, 1, 4, 5, 3, 6, 2))
+            f0 += n
+        return out
+
+    # ---- encode
+
+    def _encoder_chunk(self, x: Tensor, prev: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
+        nxt: list[Tensor] = []
+        y = self.encoder(x, prev, nxt)
+        z = self.cfg.z_dim  # mode() of the posterior = the first z channels of quant_conv's output
+        return F.conv3d(y, self.quant_conv.weight[:z], self.quant_conv.bias[:z]), nxt
+
+    @torch.no_grad()
+    def encode_mode(self, video: Tensor) -> Tensor:
+        """Video [B, 3, F, H, W] in [-1, 1] (F = 1 + 4k, H and W multiples of 16) → normalised latent
+        [B, z, 1 + (F-1)/4, H/16, W/16]: the posterior mode, (mu - mean) · (1/std), like the pipeline."""
+        if self.encoder is None:
+            raise ValueError("this VAE was loaded with with_encoder=False; reload it with the encoder to encode")
+        if not isinstance(video, Tensor) or video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, F, H, W]; got {tuple(getattr(video, 'shape', ()))}")
+        b, _, f, hh, ww = video.shape
+        st, s, p = self.cfg.scale_factor_temporal, self.cfg.scale_factor_spatial, self.cfg.patch_size
+        if b < 1 or f < 1 or (f - 1) % st or hh < s or ww < s or hh % s or ww % s:
+            raise ValueError(
+                f"video shape {tuple(video.shape)}: need frames = 1 + {st}k and height/width positive multiples of {s}"
+            )
+        x = rearrange(video.to(device=self.device, dtype=self.dtype), "b c f (h r) (w q) -> b (c q r) f h w", r=p, q=p)
+        x = x.contiguous(memory_format=self.memory_format)
+        t = 1 + (f - 1) // st
+        lat = torch.empty(b, self.cfg.z_dim, t, hh // s, ww // s, dtype=self.dtype, device=self.device)
+        hist: list[Tensor] | None = None
+        for i in range(t):
+            xi = x[:, :, :1] if i == 0 else x[:, :, 1 + st * (i - 1) : 1 + st * i]
+            mu, hist = self._encoder_chunk(xi, hist)
+            lat[:, :, i : i + 1] = mu
+        mean, inv_std = self._stats()
+        return lat.sub_(mean).mul_(inv_std).to(video.dtype)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def build_vae(cfg: VAEConfig, with_encoder: bool = True, device: str | torch.device = "meta") -> WanVAE:
+    with torch.device(device):
+        return WanVAE(cfg, with_encoder=with_encoder)
+
+
+def load_vae(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    with_encoder: bool = True,
+    channels_last_3d: bool = False,
+) -> WanVAE:
+    """Load the Wan2.2 VAE from a checkpoint folder (its `vae/` subfolder, or a `vae/` folder itself).
+
+    Safetensors only, strict: every key must match diffusers' `AutoencoderKLWan` state dict. With
+    `with_encoder=False` the encoder weights are skipped (decode-only, less memory).
+    """
+    folder = Path(folder)
+    vae_dir = folder / "vae" if (folder / "vae").is_dir() else folder
+    cfg = VAEConfig.from_dict(read_json(vae_dir / "config.json"), where=str(vae_dir / "config.json"))
+    model = build_vae(cfg, with_encoder=with_encoder)
+    state = load_tensors(weight_files(vae_dir), device=device)
+    ignore = frozenset() if with_encoder else frozenset(k for k in state if k.startswith(("encoder.", "quant_conv.")))
+    assign_strict(model, state, dtype, ignore=ignore, where=str(vae_dir))
+    model.eval().requires_grad_(False)
+    if channels_last_3d:
+        model.apply_channels_last_3d()
+    return model
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())
