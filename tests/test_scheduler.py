@@ -1,0 +1,274 @@
+"""FlowUniPC against diffusers' UniPCMultistepScheduler, plus the compile / graph contract."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cosmos3_compiled.scheduler import (
+    COSMOS3_SCHEDULER_CONFIG,
+    FlowUniPCScheduler,
+    SchedulerConfigError,
+    coefficient_row_size,
+    unipc_step_,
+)
+
+diffusers = pytest.importorskip("diffusers")
+
+SHIFT10_CONFIG = {
+    "_class_name": "UniPCMultistepScheduler",
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "use_karras_sigmas": False,
+    "flow_shift": 10.0,
+    "use_dynamic_shifting": False,
+    "solver_order": 2,
+    "solver_type": "bh2",
+}
+
+# Other option values the scheduler supports; each must also match diffusers.
+VARIANT_CONFIGS = {
+    "order3_shift5": {**SHIFT10_CONFIG, "flow_shift": 5.0, "solver_order": 3},
+    "bh1_partial_corrector": {**SHIFT10_CONFIG, "flow_shift": 3.0, "solver_type": "bh1", "disable_corrector": [1, 3]},
+    "sigma_min_final": {
+        **SHIFT10_CONFIG,
+        "final_sigmas_type": "sigma_min",
+        "lower_order_final": False,
+        "shift_terminal": 0.1,
+    },
+    "karras_range_from_betas": {
+        "prediction_type": "flow_prediction",
+        "use_flow_sigmas": True,
+        "use_karras_sigmas": True,
+    },
+    "legacy_keys_and_alias": {**COSMOS3_SCHEDULER_CONFIG, "solver_type": "midpoint", "clip_sample": False},
+}
+
+SHAPE = (1, 4, 3, 5, 6)  # [B, C, F, H, W]
+
+
+def _reference(config, n, sigmas=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.UniPCMultistepScheduler.from_config(dict(config))
+        ref.set_timesteps(n, sigmas=sigmas)
+    return ref
+
+
+def _rollout_pair(config, n, sigmas=None, seed=0):
+    """Run both schedulers on the same fixed random "model"; return per-step relative errors."""
+    ref = _reference(config, n, sigmas)
+    ours = FlowUniPCScheduler.from_config(config)
+    ours.set_timesteps(n, sigmas=sigmas)
+    g = torch.Generator().manual_seed(seed)
+    x_ref = torch.randn(SHAPE, generator=g)
+    x_ours = x_ref.clone()
+    errors = []
+    for t in ref.timesteps:
+        noise = torch.randn(SHAPE, generator=g)
+        # The "model" depends on its input so that a wrong step would also corrupt later steps.
+        x_ref = ref.step(noise + 0.5 * x_ref, t, x_ref, return_dict=False)[0]
+        ours.step(noise + 0.5 * x_ours, x_ours)
+        errors.append(((x_ref - x_ours).abs().max() / x_ref.abs().max()).item())
+    return ref, ours, errors
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 35])
+@pytest.mark.parametrize("config", [COSMOS3_SCHEDULER_CONFIG, SHIFT10_CONFIG], ids=["karras_cosmos3", "shift10"])
+def test_matches_diffusers(config, n):
+    ref, ours, errors = _rollout_pair(config, n)
+    assert ours.timesteps.dtype == torch.int64 and ours.timesteps.device.type == "cpu"
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert ours.sigmas.dtype == torch.float32
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=1e-7)
+    assert len(errors) == n
+    assert max(errors) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("name", sorted(VARIANT_CONFIGS))
+def test_option_variants_match_diffusers(name):
+    ref, ours, errors = _rollout_pair(VARIANT_CONFIGS[name], 7, seed=1)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=1e-7)
+    assert max(errors) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("config", [COSMOS3_SCHEDULER_CONFIG, SHIFT10_CONFIG], ids=["karras_cosmos3", "shift10"])
+def test_explicit_sigmas_match_diffusers(config):
+    # The pipeline's use_native_flow_schedule path.
+    n = 6
+    sigmas = np.linspace(1.0 - 1.0 / 1000, 0.0, n + 1)[:-1]
+    ref, ours, errors = _rollout_pair(config, None, sigmas=sigmas, seed=2)
+    assert torch.equal(ours.timesteps, ref.timesteps) and ours.timesteps.numel() == n
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=1e-7)
+    assert max(errors) <= 1e-5, errors
+
+
+def test_cosmos3_schedule_endpoints():
+    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
+    sched.set_timesteps(35)
+    assert sched.timesteps[0].item() == 995 and sched.timesteps[-1].item() == 128
+    assert sched.sigmas[-1].item() == 0.0
+    assert sched.coefficients.shape == (35, coefficient_row_size(2))
+
+
+def test_last_step_lands_on_x0():
+    # With a zero final sigma the first-order final step returns the x0 prediction itself.
+    sched = FlowUniPCScheduler.from_config(SHIFT10_CONFIG)
+    sched.set_timesteps(4)
+    last = sched.coefficients[-1]
+    predictor = last[4 + 2 :]
+    assert predictor[0].item() == 0.0 and predictor[1].item() == 1.0
+    assert torch.count_nonzero(predictor[2:]) == 0
+
+
+def test_set_timesteps_restarts_cleanly():
+    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
+    outputs = []
+    for _ in range(2):
+        sched.set_timesteps(5)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(SHAPE, generator=g)
+        for _ in range(5):
+            sched.step(torch.randn(SHAPE, generator=g), x)
+        outputs.append(x)
+    assert torch.equal(outputs[0], outputs[1])
+    with pytest.raises(IndexError, match="outside the 5-step schedule"):
+        sched.step(torch.zeros(SHAPE), torch.zeros(SHAPE))
+
+
+def test_buffer_mismatch_is_reported():
+    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
+    sched.set_timesteps(3)
+    sched.setup_buffers((1, 2, 3), "cpu")
+    with pytest.raises(ValueError, match="setup_buffers"):
+        sched.step(torch.zeros(SHAPE), torch.zeros(SHAPE))
+
+
+def _eager_and_compiled(backend, steps=4):
+    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(4)
+    start = torch.randn(SHAPE, generator=g)
+    velocities = [torch.randn(SHAPE, generator=g) for _ in range(steps)]
+
+    def run(step_fn):
+        sched.setup_buffers(SHAPE, "cpu")
+        x = start.clone()
+        for i, v in enumerate(velocities):
+            sched.load_coefficients_(i)
+            step_fn(sched.coeff_buffer, v, x, sched.history, sched.last_sample)
+        return x
+
+    eager = run(unipc_step_)
+    compiled_fn = torch.compile(unipc_step_, fullgraph=True, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = run(compiled_fn)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            again = run(compiled_fn)
+    return eager, compiled, again
+
+
+def test_step_compiles_fullgraph_without_recompiles():
+    # aot_eager: the full Dynamo + AOTAutograd trace (graph breaks, guards, input mutation) without
+    # paying a C++ compile in the default suite; the inductor variant below is marked slow.
+    eager, compiled, again = _eager_and_compiled("aot_eager")
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_step_compiles_with_inductor():
+    eager, compiled, again = _eager_and_compiled("inductor")
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(again, compiled, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_step_replays_in_cuda_graph():
+    device = torch.device("cuda")
+    n = 6
+    ref = _reference(COSMOS3_SCHEDULER_CONFIG, n)
+    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
+    sched.set_timesteps(n)
+    sched.setup_buffers(SHAPE, device)
+    g = torch.Generator().manual_seed(5)
+    start = torch.randn(SHAPE, generator=g)
+    velocities = [torch.randn(SHAPE, generator=g) for _ in range(n)]
+
+    x = start.to(device)
+    v = torch.zeros(SHAPE, device=device)
+    step_fn = torch.compile(unipc_step_, fullgraph=True)
+    sched.load_coefficients_(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up compiles outside the capture; buffers reset after
+        step_fn(sched.coeff_buffer, v, x.clone(), sched.history, sched.last_sample)
+    torch.cuda.current_stream().wait_stream(side)
+    sched.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_fn(sched.coeff_buffer, v, x, sched.history, sched.last_sample)
+    sched.reset()
+    x.copy_(start)
+
+    x_ref = start.clone()
+    for i, t in enumerate(ref.timesteps):
+        x_ref = ref.step(velocities[i], t, x_ref, return_dict=False)[0]
+        sched.load_coefficients_(i)
+        v.copy_(velocities[i])
+        graph.replay()
+    torch.testing.assert_close(x.cpu(), x_ref, rtol=1e-5, atol=1e-5)
+
+
+BAD_CONFIGS = [
+    ({"prediction_type": "epsilon"}, "prediction_type"),
+    ({"prediction_type": "v_prediction"}, "prediction_type"),
+    ({"use_flow_sigmas": False}, "use_flow_sigmas"),
+    ({"solver_type": "bh3"}, "solver_type"),
+    ({"solver_order": 0}, "solver_order"),
+    ({"predict_x0": False}, "predict_x0"),
+    ({"thresholding": True}, "thresholding"),
+    ({"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    ({"use_beta_sigmas": True}, "use_beta_sigmas"),
+    ({"use_dynamic_shifting": True}, "use_dynamic_shifting"),
+    ({"final_sigmas_type": "one"}, "final_sigmas_type"),
+    ({"timestep_spacing": "cosine"}, "timestep_spacing"),
+    ({"flow_shift": -1.0}, "flow_shift"),
+    ({"sigma_min": 300.0}, "sigma_min"),
+    ({"disable_corrector": "none"}, "disable_corrector"),
+    ({"lower_order_final": False}, "lower_order_final"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "_class_name"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD_CONFIGS, ids=[k for _, k in BAD_CONFIGS])
+def test_bad_config_values_raise(override, key):
+    with pytest.raises(SchedulerConfigError, match=key):
+        FlowUniPCScheduler.from_config({**COSMOS3_SCHEDULER_CONFIG, **override})
+
+
+def test_missing_prediction_type_means_diffusers_default():
+    config = {k: v for k, v in COSMOS3_SCHEDULER_CONFIG.items() if k != "prediction_type"}
+    with pytest.raises(SchedulerConfigError, match="'epsilon'"):
+        FlowUniPCScheduler.from_config(config)
+
+
+def test_bad_step_count_raises():
+    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sched.set_timesteps(0)
+
+
+def test_from_folder(tmp_path):
+    folder = tmp_path / "scheduler"
+    folder.mkdir()
+    (folder / "scheduler_config.json").write_text(json.dumps({**COSMOS3_SCHEDULER_CONFIG, "skip_prk_steps": True}))
+    for path in (folder, tmp_path, folder / "scheduler_config.json"):
+        sched = FlowUniPCScheduler.from_folder(path)
+        assert sched.config.use_karras_sigmas and sched.config.sigma_max == 200.0
+        assert sched.config.ignored_keys == ("skip_prk_steps",)
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        FlowUniPCScheduler.from_folder(tmp_path / "missing")
