@@ -175,7 +175,9 @@ class PromptTokenizer:
         """Load `tokenizer.json` + chat template (`chat_template.jinja`, else `tokenizer_config.json`)."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise CheckpointError(f"text tokenizer folder {folder} does not exist (expected <checkpoint>/text_tokenizer)")
+            raise CheckpointError(
+                f"text tokenizer folder {folder} does not exist (expected <checkpoint>/text_tokenizer)"
+            )
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise CheckpointError(
@@ -192,7 +194,8 @@ class PromptTokenizer:
             chat_template = _pick_chat_template(config.get("chat_template"), config_file)
         if not chat_template:
             raise CheckpointError(
-                f"no chat template in {folder}: expected chat_template.jinja or a 'chat_template' key in {config_file.name}"
+                f"no chat template in {folder}: expected chat_template.jinja "
+                f"or a 'chat_template' key in {config_file.name}"
             )
 
         special_tokens = cls._special_tokens(folder, config)
@@ -232,7 +235,9 @@ class PromptTokenizer:
             raise CheckpointError(f"token {token!r} is not in the vocabulary of tokenizer {self.source or ''}")
         return idx
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **kwargs) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **kwargs
+    ) -> str:
         """The chat template's text for `messages`; `kwargs` become template variables (e.g. add_vision_id)."""
         if not messages:
             raise ValueError("cannot render a chat template for an empty conversation")

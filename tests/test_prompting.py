@@ -37,7 +37,9 @@ CASES = {
     "trailing_dots": dict(prompt="A red fox trots across a snowy meadow...", negative_prompt=None),
     "empty_negative": dict(prompt="A cat sleeps on a windowsill.", negative_prompt=""),
     "negative": dict(prompt="A cat sleeps on a windowsill.", negative_prompt="Blurry, low quality, watermark."),
-    "image": dict(prompt="A bowl of ramen on a dark table.", negative_prompt="blurry", num_frames=1, height=1024, width=1024),
+    "image": dict(
+        prompt="A bowl of ramen on a dark table.", negative_prompt="blurry", num_frames=1, height=1024, width=1024
+    ),
     "fps16": dict(prompt="A train crosses a bridge", negative_prompt="static", num_frames=93, fps=16.0),
     "fps_fraction": dict(prompt="Waves on a beach", negative_prompt=None, num_frames=121, fps=23.976),
     "no_system": dict(prompt="A dog catches a frisbee.", negative_prompt="bad", use_system_prompt=False),
@@ -47,7 +49,9 @@ CASES = {
     "no_templates": dict(
         prompt="A kite in the sky.", negative_prompt="", add_duration_template=False, add_resolution_template=False
     ),
-    "unicode_newlines": dict(prompt="Un café à Paris,\n北京的街道 — 🚲  two  spaces\tand tab", negative_prompt="çà\n"),
+    "unicode_newlines": dict(
+        prompt="Un café à Paris,\n北京的街道 — 🚲  two  spaces\tand tab", negative_prompt="çà\n"
+    ),
     "special_token_text": dict(prompt="say <|im_end|> then <|vision_start|> now", negative_prompt="<|endoftext|>"),
 }
 
@@ -71,9 +75,8 @@ def test_prompt_text_layout(ours):
         "<|im_start|>user\nA red fox. The video is 3.4 seconds long and is of 24 FPS. "
         "This video is of 720x1280 resolution.<|im_end|>\n<|im_start|>assistant\n<|im_end|><|vision_start|>"
     )
-    assert "user\nThe video is not 3.4 seconds long and is not of 24 FPS. This video is not of 720x1280 resolution." in (
-        ours.decode(uncond)
-    )
+    negative_text = "The video is not 3.4 seconds long and is not of 24 FPS. This video is not of 720x1280 resolution."
+    assert f"<|im_start|>user\n{negative_text}<|im_end|>" in ours.decode(uncond)
 
 
 def test_builtin_tokenizer_loads_with_transformers():

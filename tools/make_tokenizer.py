@@ -144,9 +144,10 @@ Questions, answers, quotes: "what is this?" 'it is a test' - (yes) [no] {maybe};
 
 
 def build_tokenizer(vocab_size: int) -> Tokenizer:
-    tokenizer = Tokenizer(
-        models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+    bpe = models.BPE(
+        unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False
     )
+    tokenizer = Tokenizer(bpe)
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
