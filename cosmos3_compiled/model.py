@@ -121,16 +121,24 @@ class Attention(nn.Module):
 
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str) -> torch.Tensor:
-    """SDPA over token-major tensors q [N, Hq, D], k/v [M, Hkv, D] (GQA: head h reads kv head h // groups)."""
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str = "auto", expand_kv: bool = False
+) -> torch.Tensor:
+    """SDPA over token-major tensors q [N, Hq, D], k/v [M, Hkv, D] (GQA: head h reads kv head h // groups).
+
+    expand_kv copies the K/V heads out to Hq heads first: cuDNN runs plain MHA faster than its GQA path.
+    """
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, D]
+    groups = qh.shape[1] // kh.shape[1]
+    if expand_kv and groups > 1:
+        kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)  # [1, Hq, M, D]
     if backend == "auto":
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=groups > 1)
     else:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=groups > 1)
     return rearrange(out, "1 h n d -> n (h d)")  # [N, Hq·D]
 
 
@@ -150,6 +158,7 @@ class Cosmos3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps, style)
         self.post_attention_layernorm_moe_gen = RMSNorm(d, eps, style)
         self.attn_backend = "auto"
+        self.expand_kv = False
 
     def setup_buffers(self) -> None:
         """Static per-head q|k norm weight for the video tower (rebuilt whenever weights change)."""
@@ -193,7 +202,7 @@ class Cosmos3Layer(nn.Module):
         q = ops.apply_rope(qk[:, : a.hq], cos, sin)  # [N, Hq, D]
         ops.apply_rope(qk[:, a.hq :], cos, sin, out=k_buf[L:])
         v_buf[L:] = qkv[:, qk_heads * a.hd :].view(N, a.hkv, a.hd)
-        h = h + a.to_add_out(attention(q, k_buf, v_buf, causal=False, backend=self.attn_backend))
+        h = h + a.to_add_out(attention(q, k_buf, v_buf, False, self.attn_backend, self.expand_kv))
         return h + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h))
 
 
@@ -265,11 +274,13 @@ class Cosmos3Transformer(nn.Module):
         for layer in self.layers:
             layer.setup_buffers()
 
-    def set_attention_backend(self, backend: str) -> None:
+    def set_attention_backend(self, backend: str, expand_kv: bool = False) -> None:
+        """SDPA backend for both towers ("auto" lets PyTorch choose); expand_kv: see `attention`."""
         if backend != "auto" and backend not in _SDPA_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose auto, {', '.join(_SDPA_BACKENDS)}")
         for layer in self.layers:
             layer.attn_backend = backend
+            layer.expand_kv = expand_kv
 
     def patch_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         t, h, w = latent_shape

@@ -53,7 +53,7 @@ def reference_velocity(model, input_ids: list[int], latents: torch.Tensor, times
         vision_timesteps=torch.full((vision["num_noisy_vision_tokens"],), timestep, device=device),
         vision_noisy_frame_indexes=vision["vision_noisy_frame_indexes"], return_dict=False,
     )
-    mask = torch.ones(latents.shape[2], 1, 1)
+    mask = torch.ones(latents.shape[2], 1, 1, device=device)
     for f in clean_frames:
         mask[f] = 0
     return (preds[0] * mask.to(preds[0].dtype)).float()

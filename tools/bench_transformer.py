@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the Cosmos3 video step vs diffusers' forward, same weights, same run, same card.
+
+Nano-size random weights, bf16. Prints a markdown table last; full results as JSON under $OUT.
+Example (H100): python tools/bench_transformer.py --preset nano --height 720 --width 1280 --frames 81
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from cosmos3_compiled.checkpoint import build_random  # noqa: E402
+from cosmos3_compiled.compile import CompileSettings, apply_compile, compile_counters  # noqa: E402
+from cosmos3_compiled.config import preset, replace  # noqa: E402
+
+CEILINGS = {"matmul_tflops": 770.0, "sdpa_cudnn_tflops": 636.0}
+
+
+def cuda_time(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return times
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.float()
+    mse = (x.float() - ref).pow(2).mean().item()
+    peak = ref.abs().max().item()
+    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def flops(cfg, n_video: int, n_text: int) -> dict:
+    d, f, hd, hq, hkv, layers = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads,
+                                 cfg.num_key_value_heads, cfg.num_hidden_layers)
+    per_token = 2 * (d * (hq + 2 * hkv) * hd + hq * hd * d + d * 2 * f + f * d) * layers
+    linear = per_token * n_video
+    attn = 4 * n_video * (n_video + n_text) * hq * hd * layers
+    return {"linear_tflop": linear / 1e12, "attention_tflop": attn / 1e12}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="nano")
+    ap.add_argument("--layers", type=int, default=None, help="override layer count (quick runs)")
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--text-len", type=int, default=256)
+    ap.add_argument("--fps", type=float, default=24.0)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--attn", default="cudnn", help="SDPA backend for ours: auto|cudnn|flash|efficient|math")
+    ap.add_argument("--expand-kv", action="store_true", help="copy K/V out to all query heads before SDPA")
+    ap.add_argument("--ours", default="eager,blocks", help="comma list of: eager, blocks, full, blocks_max_autotune")
+    ap.add_argument("--diffusers", default="eager,regional", help="comma list of: eager, regional ('' to skip)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last 'ours' mode")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = ap.parse_args()
+
+    dev = torch.device(args.device)
+    cfg = preset(args.preset)
+    if args.layers:
+        cfg = replace(cfg, num_hidden_layers=args.layers)
+    latent = ((args.frames - 1) // 4 + 1, args.height // 16, args.width // 16)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type != "cuda":  # CPU smoke run: wall-clock timing
+        global cuda_time
+
+        def cuda_time(fn, warmup, iters):  # noqa: F811
+            for _ in range(warmup):
+                fn()
+            out = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+            return out
+
+    results: dict = {"config": vars(args), "latent": latent, "torch": torch.__version__,
+                     "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
+    t0 = time.perf_counter()
+    model = build_random(cfg, seed=0, dtype=dtype, device=dev, fuse=False)
+    sync()
+    results["init_s"] = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, cfg.latent_channel, *latent, generator=gen).to(dev)
+    ids = torch.randint(0, cfg.vocab_size, (args.text_len,), generator=gen)
+    timestep = 870
+    rows = []
+    n_video = math.prod(model.patch_grid(latent))
+    fl = flops(cfg, n_video, args.text_len)
+    results["flops"] = fl
+    total_tflop = fl["linear_tflop"] + fl["attention_tflop"]
+
+    ref_out = None
+    if args.diffusers:
+        from diffusers import Cosmos3OmniTransformer
+        from dit_reference import reference_velocity
+
+        with torch.device("meta"):
+            ref = Cosmos3OmniTransformer(**{k: v for k, v in cfg.to_dict().items() if k != "rope_scaling"})
+        state = dict(model.state_dict())
+        state["norm.weight"] = torch.ones(cfg.hidden_size, device=dev, dtype=dtype)
+        state["lm_head.weight"] = torch.empty(cfg.vocab_size, cfg.hidden_size, device=dev, dtype=dtype)
+        ref.load_state_dict(state, assign=True, strict=True)
+        ref.rotary_emb.inv_freq = ref.rotary_emb.inv_freq  # non-persistent buffer: rebuild on device below
+        ref.rotary_emb.register_buffer(
+            "inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=dev)
+                                                   / cfg.head_dim)), persistent=False)
+        ref.eval().requires_grad_(False)
+        del state
+
+        def run_ref():
+            return reference_velocity(ref, ids.tolist(), latents, timestep, args.fps)
+
+        with torch.no_grad():
+            for mode in args.diffusers.split(","):
+                compile_s = 0.0
+                if mode == "regional":
+                    ref.compile_repeated_blocks(fullgraph=True)
+                    t0 = time.perf_counter()
+                    run_ref()
+                    sync()
+                    compile_s = time.perf_counter() - t0
+                times = cuda_time(run_ref, args.warmup, args.iters)
+                out = run_ref()
+                if ref_out is None:
+                    ref_out = out.float().cpu()
+                med = statistics.median(times)
+                rows.append({"impl": f"diffusers {mode}", "median_s": med, "compile_s": compile_s,
+                             "tflops": total_tflop / med, "psnr_vs_diffusers_eager": psnr(out.cpu(), ref_out)})
+        del ref, run_ref
+        gc.collect()
+        torch._dynamo.reset()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    model.setup_buffers()
+    model.set_attention_backend(args.attn, expand_kv=args.expand_kv)
+    branch = model.setup_branch(args.text_len, latent, fps=args.fps)
+    t0 = time.perf_counter()
+    model.text_pass(ids, branch)
+    sync()
+    results["text_pass_s"] = time.perf_counter() - t0
+    ts = torch.tensor(float(timestep), device=dev)
+    eager_out = None
+    with torch.no_grad():
+        for mode in args.ours.split(","):
+            compile_s = 0.0
+            if mode != "eager":
+                scope, _, cmode = mode.partition("_")
+                cmode = cmode or "default"
+                torch._dynamo.reset()
+                # restore plain forwards before compiling another way
+                for m in [model, *model.layers]:
+                    m._compiled_call_impl = None
+                apply_compile(model, CompileSettings(mode=cmode, scope=scope, fullgraph=True))
+                t0 = time.perf_counter()
+                model(latents, ts, branch)
+                sync()
+                compile_s = time.perf_counter() - t0
+            times = cuda_time(lambda: model(latents, ts, branch), args.warmup, args.iters)
+            out = model(latents, ts, branch).float().cpu()
+            if eager_out is None:
+                eager_out = out
+            med = statistics.median(times)
+            row = {"impl": f"ours {mode} ({args.attn}{', expand_kv' if args.expand_kv else ''})", "median_s": med,
+                   "compile_s": compile_s, "tflops": total_tflop / med, "psnr_vs_ours_eager": psnr(out, eager_out)}
+            if ref_out is not None:
+                row["psnr_vs_diffusers_eager"] = psnr(out, ref_out)
+            row.update(compile_counters())
+            rows.append(row)
+    if args.profile and dev.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(latents, ts, branch)
+            sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90)
+        (Path(args.out) / "profile.txt").parent.mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "profile.txt").write_text(table)
+        print(table)
+    if dev.type == "cuda":
+        results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    results["rows"] = rows
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"bench_transformer_{args.height}x{args.width}x{args.frames}.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{results['device_name']}, torch {torch.__version__}, latent {latent}, {n_video} video tokens, "
+          f"{args.text_len} text tokens; {fl['linear_tflop']:.1f} + {fl['attention_tflop']:.1f} TFLOP per step")
+    print("| impl | median s | TFLOP/s | compile s | PSNR vs diffusers eager | PSNR vs ours eager |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['median_s']:.4f} | {r['tflops']:.0f} | {r['compile_s']:.1f} | "
+              f"{r.get('psnr_vs_diffusers_eager', float('nan')):.1f} | {r.get('psnr_vs_ours_eager', float('nan')):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
