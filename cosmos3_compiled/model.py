@@ -124,22 +124,28 @@ class Attention(nn.Module):
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str = "auto", expand_kv: bool = False
 ) -> torch.Tensor:
-    """SDPA over token-major tensors q [N, Hq, D], k/v [M, Hkv, D] (GQA: head h reads kv head h // groups).
+    """SDPA over head-major q [Hq, N, D], k/v [Hkv, M, D] → [N, Hq·D]. GQA: head h reads kv head h // groups.
 
-    expand_kv copies the K/V heads out to Hq heads first: cuDNN runs plain MHA faster than its GQA path.
+    Head-major operands are what cuDNN runs fastest; expand_kv copies K/V out to Hq heads first (plain MHA).
     """
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, D]
-    groups = qh.shape[1] // kh.shape[1]
+    groups = q.shape[0] // k.shape[0]
+    qh, kh, vh = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, H, S, D]
     if expand_kv and groups > 1:
         kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)  # [1, Hq, M, D]
+    gqa = kh.shape[1] != qh.shape[1]
     if backend == "auto":
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=groups > 1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=gqa)
     else:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=groups > 1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=gqa)
     return rearrange(out, "1 h n d -> n (h d)")  # [N, Hq·D]
+
+
+def head_major(shape_tokens: int, heads: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """An [N, H, D] view whose storage is head-major [H, N, D]: RoPE writes land where SDPA wants them."""
+    return like.new_empty((heads, shape_tokens, dim)).transpose(0, 1)
 
 
 class Cosmos3Layer(nn.Module):
@@ -169,7 +175,8 @@ class Cosmos3Layer(nn.Module):
         last: bool,
     ) -> torch.Tensor:
         """Text tower on h [L, d]; writes the keys the video tower reads (after norm and RoPE) and the values
-        into k_out / v_out [L, Hkv, D]. The last layer's text MLP is skipped: nothing downstream reads it."""
+        into k_out / v_out ([L, Hkv, D] views of the head-major buffers). The last layer's text attention
+        output and MLP are skipped: nothing downstream reads them."""
         a, cfg = self.self_attn, self.cfg
         L = h.shape[0]
         x = self.input_layernorm(h)
@@ -182,27 +189,29 @@ class Cosmos3Layer(nn.Module):
         ops.apply_rope(k_for_gen, cos, sin, out=k_out)
         if last:
             return h
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        h = h + a.to_out(attention(q, k, v_out, causal=True, backend=self.attn_backend))
+        q = ops.apply_rope(q, cos, sin, out=head_major(L, a.hq, a.hd, q))
+        k = ops.apply_rope(k, cos, sin, out=head_major(L, a.hkv, a.hd, k))
+        h = h + a.to_out(attention(q.transpose(0, 1), k.transpose(0, 1), v_out.transpose(0, 1), True, self.attn_backend))
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def forward(
         self, h: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        """Video tower on h [N, d]. k_buf / v_buf [L + N, Hkv, D] already hold the text keys/values in rows
-        [:L]; this step's keys (after norm and RoPE) and values are written straight into rows [L:]."""
+        """Video tower on h [N, d]. k_buf / v_buf [Hkv, L + N, D] already hold the text keys/values in
+        positions [:L]; this step's keys (after norm and RoPE) and values are written straight into [L:]."""
         a, cfg = self.self_attn, self.cfg
         N = h.shape[0]
-        L = k_buf.shape[0] - N
+        L = k_buf.shape[1] - N
         qk_heads = a.hq + a.hkv
         x = self.input_layernorm_moe_gen(h)
         qkv = a.gen_qkv(x)  # [N, (Hq + 2·Hkv)·D]
         qk = qkv[:, : qk_heads * a.hd].view(N, qk_heads, a.hd)
         qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [N, Hq+Hkv, D]
-        q = ops.apply_rope(qk[:, : a.hq], cos, sin)  # [N, Hq, D]
-        ops.apply_rope(qk[:, a.hq :], cos, sin, out=k_buf[L:])
-        v_buf[L:] = qkv[:, qk_heads * a.hd :].view(N, a.hkv, a.hd)
-        h = h + a.to_add_out(attention(q, k_buf, v_buf, False, self.attn_backend, self.expand_kv))
+        q = ops.apply_rope(qk[:, : a.hq], cos, sin, out=head_major(N, a.hq, a.hd, qk))  # [N, Hq, D] view
+        ops.apply_rope(qk[:, a.hq :], cos, sin, out=k_buf[:, L:].transpose(0, 1))
+        v_buf[:, L:] = qkv[:, qk_heads * a.hd :].view(N, a.hkv, a.hd).transpose(0, 1)
+        out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv)  # [N, Hq·D]
+        h = h + a.to_add_out(out)
         return h + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h))
 
 
@@ -221,7 +230,8 @@ class TimestepEmbedder(nn.Module):
 class Branch:
     """Everything one CFG branch's video step reads, allocated once (`Cosmos3Transformer.setup_branch`).
 
-    k_bufs / v_bufs: per layer `[L + N, Hkv, D]`, rows [:L] filled by the text pass, rows [L:] by each step.
+    k_bufs / v_bufs: per layer `[Hkv, L + N, D]` (head-major, as SDPA reads them); positions [:L] filled by
+    the text pass, positions [L:] by each step.
     cos / sin: video-token RoPE tables `[N, D/2]` (they depend on L through the temporal offset).
     noisy: `[T, 1, 1]` 1.0 for frames being denoised, 0.0 for clean conditioning frames.
     """
@@ -295,7 +305,7 @@ class Cosmos3Transformer(nn.Module):
         cfg, dev, dt = self.cfg, self.device, self.dtype
         grid = self.patch_grid(latent_shape)
         n = grid[0] * grid[1] * grid[2]
-        shape = (text_len + n, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_key_value_heads, text_len + n, cfg.head_dim)
         k_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
         v_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
         pos = ops.video_positions(
@@ -325,7 +335,8 @@ class Cosmos3Transformer(nn.Module):
         h = self.embed_tokens(input_ids.to(self.device))  # [L, d]
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer.text_forward(h, cos, sin, branch.k_bufs[i][:L], branch.v_bufs[i][:L], last=i == last)
+            k_out, v_out = branch.k_bufs[i][:, :L].transpose(0, 1), branch.v_bufs[i][:, :L].transpose(0, 1)
+            h = layer.text_forward(h, cos, sin, k_out, v_out, last=i == last)
 
     # ---- video tower: every denoising step -----------------------------------------------------
 

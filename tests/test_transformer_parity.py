@@ -56,3 +56,25 @@ def test_matches_reference_cond_and_uncond(name, checkpoints):
         assert err <= 1e-5 * scale, f"{name}: max abs diff {err:.3g} vs scale {scale:.3g}"
         if clean:
             assert got[:, :, list(clean)].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend,expand_kv", [("math", True), ("math", False), ("auto", True)])
+def test_attention_options_keep_parity(backend, expand_kv, checkpoints):
+    ref, folder = checkpoints["gqa3_fps24"]
+    _, (t, h, w), fps, clean = CASES["gqa3_fps24"]
+    ours = load_transformer(folder, dtype=torch.float32)
+    ours.set_attention_backend(backend, expand_kv=expand_kv)
+    ids = torch.arange(9) * 7
+    latents = torch.randn(1, 48, t, h, w, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference_velocity(ref, ids.tolist(), latents, 500, fps)
+        branch = ours.setup_branch(9, (t, h, w), fps=fps)
+        ours.text_pass(ids, branch)
+        got = ours.video_step(latents, torch.tensor(500.0), branch)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_unknown_attention_backend_is_rejected(checkpoints):
+    ours = load_transformer(checkpoints["gqa3_fps24"][1], dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ours.set_attention_backend("flash3")

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Micro-benchmark of SDPA at the Nano video-step shape: backends x K/V layout x GQA handling.
+
+Example: python tools/bench_sdpa.py --n 19320 --text 256
+"""
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def bench(fn, iters=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=19320)
+    ap.add_argument("--text", type=int, default=256)
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--d", type=int, default=128)
+    args = ap.parse_args()
+    n, m, hq, hkv, d = args.n, args.n + args.text, args.hq, args.hkv, args.d
+    flop = 4 * n * m * hq * d
+    dev, dt = "cuda", torch.bfloat16
+    q_tok = torch.randn(n, hq, d, device=dev, dtype=dt)
+    k_tok = torch.randn(m, hkv, d, device=dev, dtype=dt)
+    v_tok = torch.randn(m, hkv, d, device=dev, dtype=dt)
+    layouts = {
+        "token-major (BSHD view)": (q_tok.transpose(0, 1)[None], k_tok.transpose(0, 1)[None], v_tok.transpose(0, 1)[None]),
+        "head-major (BHSD contiguous)": (q_tok.transpose(0, 1).contiguous()[None], k_tok.transpose(0, 1).contiguous()[None],
+                                         v_tok.transpose(0, 1).contiguous()[None]),
+    }
+    print(f"| backend | layout | gqa | ms | TFLOP/s |\n|---|---|---|---|---|")
+    for bname in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        for lname, (q, k, v) in layouts.items():
+            for gqa in ("native", "expanded"):
+                kk, vv = (k, v) if gqa == "native" else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
+                try:
+                    with sdpa_kernel(getattr(SDPBackend, bname)):
+                        t = bench(lambda: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=gqa == "native"))
+                    print(f"| {bname} | {lname} | {gqa} | {t*1e3:.2f} | {flop / t / 1e12:.0f} |")
+                except RuntimeError as err:
+                    print(f"| {bname} | {lname} | {gqa} | failed: {str(err)[:60]} | |")
+
+
+if __name__ == "__main__":
+    main()
