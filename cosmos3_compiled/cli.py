@@ -1,0 +1,42 @@
+"""`cosmos3-generate`: the Hydra entry point."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .schema import register_configs
+
+register_configs()
+log = logging.getLogger("cosmos3_compiled")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+def main(cfg: DictConfig) -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from .pipeline import USER_ERRORS, generate
+
+    out_dir = Path(cfg.output.dir) if cfg.output.dir else Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        state = generate(cfg, out_dir)
+    except USER_ERRORS as err:
+        if multirun:  # let Hydra record the failure; the sweep's other jobs still run
+            log.error("job failed: %s", err)
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for name, path in state.outputs.items():
+        log.info("%s: %s", name, path)
+    print(f"sha256 {state.sha256}")
+    return state.sha256
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Build the pipeline's components: from an official checkpoint folder, or the embedded default."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .checkpoint import build_random, load_transformer, save_transformer
+from .checkpoint_io import CheckpointError, read_json, weight_files
+from .config import TransformerConfig, preset
+from .prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
+from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler
+from .vae import VAEConfig, WanVAE, build_vae, load_vae
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SUBFOLDERS = ("transformer", "vae", "scheduler", "text_tokenizer")
+
+
+def embedded_vae_config(z_dim: int = 48) -> dict:
+    """A tiny Wan2.2-architecture VAE (diffusers config keys) for the embedded default."""
+    gen = torch.Generator().manual_seed(1234)
+    return {
+        "_class_name": "AutoencoderKLWan",
+        "_diffusers_version": "0.42.1",
+        "base_dim": 8,
+        "decoder_base_dim": 16,
+        "z_dim": z_dim,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 1,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True],
+        "dropout": 0.0,
+        "is_residual": True,
+        "in_channels": 12,
+        "out_channels": 12,
+        "patch_size": 2,
+        "scale_factor_spatial": 16,
+        "scale_factor_temporal": 4,
+        "clip_output": True,
+        "latents_mean": [round(v, 4) for v in (0.1 * torch.randn(z_dim, generator=gen)).tolist()],
+        "latents_std": [round(v, 4) for v in (1.0 + 0.5 * torch.rand(z_dim, generator=gen)).tolist()],
+    }
+
+
+def init_vae_random_(vae: WanVAE, seed: int) -> WanVAE:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            t = torch.randn(p.shape, generator=gen)
+            if p.ndim >= 2:
+                t /= math.sqrt(math.prod(p.shape[1:]))
+            elif name.endswith("gamma"):
+                t = 1.0 + 0.1 * t
+            else:
+                t *= 0.02
+            p.copy_(t.reshape(p.shape))
+    return vae
+
+
+def build_embedded(name: str, seed: int, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype):
+    """The embedded default: seeded random transformer and VAE, built-in tokenizer, Cosmos3 scheduler."""
+    cfg = preset(name)
+    transformer = build_random(cfg, seed=seed, dtype=dtype, device=device)
+    vae = build_vae(VAEConfig.from_dict(embedded_vae_config(cfg.latent_channel)), device="cpu")
+    init_vae_random_(vae, seed + 1).to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
+    return transformer, vae, FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG), PromptTokenizer.builtin()
+
+
+def check_checkpoint_folder(folder: str | Path) -> TransformerConfig:
+    """Cheap checks before anything heavy: subfolders, configs, shards and safetensors headers."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    missing = [s for s in SUBFOLDERS if not (folder / s).is_dir()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} lacks subfolder(s) {', '.join(missing)} (diffusers layout expected)")
+    cfg = TransformerConfig.from_folder(folder / "transformer")
+    weight_files(folder / "transformer")
+    vae_cfg = VAEConfig.from_dict(read_json(folder / "vae" / "config.json"), where=str(folder / "vae" / "config.json"))
+    weight_files(folder / "vae")
+    cfg.check_vae(vae_cfg.z_dim)
+    read_json(folder / "scheduler" / "scheduler_config.json")
+    return cfg
+
+
+def load_checkpoint(folder: str | Path, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+                    with_encoder: bool):
+    folder = Path(folder)
+    transformer = load_transformer(folder / "transformer", dtype=dtype, device=device)
+    vae = load_vae(folder / "vae", dtype=vae_dtype, device=device, with_encoder=with_encoder)
+    scheduler = FlowUniPCScheduler.from_folder(folder / "scheduler")
+    tokenizer = PromptTokenizer.from_folder(folder / "text_tokenizer")
+    return transformer, vae, scheduler, tokenizer
+
+
+def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0) -> Path:
+    """Write the embedded default model as an official-layout checkpoint folder (fp32 safetensors)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    cfg = preset(name)
+    transformer = build_random(cfg, seed=seed, fuse=False)
+    save_transformer(transformer, folder / "transformer")
+    vae_cfg = embedded_vae_config(cfg.latent_channel)
+    vae = init_vae_random_(build_vae(VAEConfig.from_dict(vae_cfg), device="cpu"), seed + 1)
+    (folder / "vae").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
+              str(folder / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    sched = {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.42.1", **COSMOS3_SCHEDULER_CONFIG}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+    shutil.copytree(BUILTIN_TOKENIZER_DIR, folder / "text_tokenizer", dirs_exist_ok=True)
+    index = {
+        "_class_name": "Cosmos3OmniPipeline", "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "Cosmos3OmniTransformer"], "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_tokenizer": ["transformers", "Qwen2Tokenizer"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder

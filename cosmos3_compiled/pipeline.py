@@ -1,0 +1,187 @@
+"""Assemble and run the text/image-to-video pipeline from a composed Hydra config.
+
+The one place where components and stages are instantiated; each stage gets only its own settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint_io import CheckpointError, read_json
+from .compile import MODES, CompileSettings, apply_compile, compile_counters
+from .components import DTYPES, build_embedded, check_checkpoint_folder, load_checkpoint
+from .config import ConfigError, preset
+from .progress import set_progress_enabled
+from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, SchedulerConfigError
+
+
+class RequestError(ValueError):
+    """A request that cannot run; raised before any model is loaded."""
+
+
+USER_ERRORS = (RequestError, CheckpointError, ConfigError, SchedulerConfigError)
+
+
+def _value(x):
+    return x.value if hasattr(x, "value") else x
+
+
+def build_request(cfg: DictConfig):
+    from stages.state import Request
+
+    h, w, f, fps = int(cfg.height), int(cfg.width), int(cfg.num_frames), float(cfg.fps)
+    if h <= 0 or w <= 0 or h % 16 or w % 16:
+        raise RequestError(f"height and width must be positive multiples of 16, got height={h} width={w}")
+    if f < 1 or (f - 1) % 4:
+        raise RequestError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81, ...), got {f}")
+    if not str(cfg.prompt).strip():
+        raise RequestError("prompt is empty: pass prompt='...'")
+    if fps <= 0:
+        raise RequestError(f"fps must be positive, got {fps}")
+    steps = int(cfg.sampler.num_inference_steps)
+    if steps < 1:
+        raise RequestError(f"sampler.num_inference_steps must be >= 1, got {steps}")
+    image = None
+    if cfg.image is not None:
+        image = Path(str(cfg.image)).expanduser()
+        if not image.is_file():
+            raise RequestError(f"conditioning image {image} does not exist")
+    return Request(
+        prompt=str(cfg.prompt), negative_prompt=str(cfg.negative_prompt or ""), height=h, width=w, num_frames=f,
+        fps=fps, seed=int(cfg.seed), num_inference_steps=steps, guidance_scale=float(cfg.sampler.guidance_scale),
+        image=image, use_system_prompt=bool(cfg.sampler.use_system_prompt),
+    )
+
+
+def check_output_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RequestError(f"output directory {out_dir} is not writable ({err.strerror})") from None
+
+
+def scheduler_config(cfg: DictConfig) -> dict:
+    raw = dict(COSMOS3_SCHEDULER_CONFIG)
+    if cfg.checkpoint is not None:
+        raw = read_json(Path(str(cfg.checkpoint)) / "scheduler" / "scheduler_config.json")
+    schedule = _value(cfg.sampler.schedule)
+    if schedule == "karras":
+        raw = {**raw, "use_karras_sigmas": True}
+        raw.setdefault("sigma_max", 200.0)
+        raw.setdefault("sigma_min", 0.147)
+    elif schedule == "shift":
+        raw = {**raw, "use_karras_sigmas": False, "flow_shift": float(cfg.sampler.flow_shift)}
+    return raw
+
+
+def check_settings(cfg: DictConfig) -> tuple[torch.device, torch.dtype, torch.dtype]:
+    device = torch.device(_value(cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device=cuda but no CUDA device is available; use device=cpu")
+    dtype = DTYPES[_value(cfg.dtype)]
+    vae_dtype = DTYPES[_value(cfg.model.vae_dtype)] if cfg.model.vae_dtype is not None else dtype
+    if cfg.compile.mode not in MODES:
+        raise RequestError(f"unknown compile mode {cfg.compile.mode!r}; choose one of {', '.join(MODES)}")
+    if cfg.checkpoint is None:
+        preset(cfg.model.name)
+    return device, dtype, vae_dtype
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(cfg: DictConfig, out_dir: str | Path):
+    """Run one request end to end; every input check happens before any weights are read."""
+    from stages.decode import Decode
+    from stages.denoise import Denoise
+    from stages.latents import Latents
+    from stages.postprocess import Postprocess
+    from stages.save import Save, write_metrics
+    from stages.state import Components, State
+    from stages.text_pass import TextPass
+    from stages.timesteps import Timesteps
+    from stages.tokenize import Tokenize
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    request = build_request(cfg)
+    device, dtype, vae_dtype = check_settings(cfg)
+    check_output_dir(out_dir)
+    if cfg.checkpoint is not None:
+        check_checkpoint_folder(str(cfg.checkpoint)).check_vae(48)
+    sched_raw = scheduler_config(cfg)
+    FlowUniPCScheduler.from_config(sched_raw)  # validates before the heavy load
+    set_progress_enabled(cfg.output.progress)
+
+    metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "seconds": {}}
+    t0 = time.perf_counter()
+    if cfg.checkpoint is None:
+        transformer, vae, _, tokenizer = build_embedded(cfg.model.name, cfg.model.init_seed, device, dtype, vae_dtype)
+        source = f"embedded:{cfg.model.name}"
+    else:
+        transformer, vae, _, tokenizer = load_checkpoint(
+            str(cfg.checkpoint), device, dtype, vae_dtype, with_encoder=request.image_to_video
+        )
+        source = str(Path(str(cfg.checkpoint)).resolve())
+    scheduler = FlowUniPCScheduler.from_config(sched_raw)
+    transformer.set_attention_backend(cfg.model.attention_backend, expand_kv=cfg.model.expand_kv)
+    _sync(device)
+    metrics["seconds"]["load"] = time.perf_counter() - t0
+    components = Components(transformer, vae, scheduler, tokenizer, device, dtype, source)
+
+    settings = CompileSettings(
+        mode=cfg.compile.mode, scope=cfg.compile.scope, fullgraph=cfg.compile.fullgraph, dynamic=cfg.compile.dynamic,
+        recompile_limit=cfg.compile.recompile_limit, inductor=dict(cfg.compile.inductor),
+    )
+    apply_compile(transformer, settings)
+    stages = [
+        ("tokenize", Tokenize(components)),
+        ("text_pass", TextPass(components, offload_text_tower=cfg.compile.offload_text_tower)),
+        ("latents", Latents(components)),
+        ("timesteps", Timesteps(components)),
+        ("denoise", Denoise(components)),
+        ("decode", Decode(components)),
+        ("postprocess", Postprocess(components, keep_float=_value(cfg.output.frames) == "float32")),
+        ("save", Save(components, out_dir, frames=_value(cfg.output.frames), video=cfg.output.video,
+                      crf=cfg.output.crf)),
+    ]
+    state = State(request=request, metrics=metrics)
+    metrics["source"] = source
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for name, stage in stages:
+        t0 = time.perf_counter()
+        state = stage(state)
+        _sync(device)
+        metrics["seconds"][name] = time.perf_counter() - t0
+    metrics["seconds"]["total"] = time.perf_counter() - t_start
+    metrics["compile"] = compile_counters()
+    if device.type == "cuda":
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    state.outputs["metrics"] = write_metrics(state, out_dir)
+    return state
+
+
+def describe(state) -> str:
+    return json.dumps({k: str(v) for k, v in state.outputs.items()}) + f"\nsha256 {state.sha256}"
+
+
+def hydra_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+__all__ = ["generate", "build_request", "USER_ERRORS", "RequestError", "hydra_output_dir", "os"]

@@ -1,0 +1,116 @@
+"""Structured-config schemas for the Hydra app: a mistyped key or a wrong value type fails at compose time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class FramesOut(str, Enum):
+    none = "none"
+    uint8 = "uint8"
+    float32 = "float32"
+
+
+class Schedule(str, Enum):
+    checkpoint = "checkpoint"  # whatever scheduler_config.json says
+    karras = "karras"  # Karras flow sigmas (published Cosmos3 configs)
+    shift = "shift"  # flow sigmas shifted by `flow_shift` (sglang's T2V default)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "debug"
+    init_seed: int = 0
+    height: int = 128
+    width: int = 128
+    num_frames: int = 9
+    attention_backend: str = "auto"
+    expand_kv: bool = False
+    vae_dtype: Optional[DType] = None
+
+
+@dataclass
+class SamplerConfig:
+    num_inference_steps: int = 35
+    guidance_scale: float = 4.0
+    schedule: Schedule = Schedule.checkpoint
+    flow_shift: float = 10.0
+    use_system_prompt: bool = True
+
+
+@dataclass
+class CompileConfig:
+    mode: str = "eager"
+    scope: str = "blocks"
+    fullgraph: bool = True
+    dynamic: bool = False
+    recompile_limit: int = 8
+    warmup_steps: int = 1
+    inductor: dict[str, Any] = field(default_factory=dict)
+    vae: str = "eager"
+    cache_dir: Optional[str] = None
+    offload_text_tower: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    cfg: bool = False
+    ulysses: int = 1
+    backend: str = "nccl"
+
+
+@dataclass
+class OutputConfig:
+    frames: FramesOut = FramesOut.none
+    video: bool = True
+    progress: bool = True
+    crf: int = 18
+    dir: Optional[str] = None
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: Optional[str] = None
+    prompt: str = "A red fox trots through fresh snow at dawn, steam rising from its breath."
+    negative_prompt: str = ""
+    image: Optional[str] = None
+    height: int = II("model.height")
+    width: int = II("model.width")
+    num_frames: int = II("model.num_frames")
+    fps: float = 24.0
+    seed: int = 0
+    device: Device = Device.cpu
+    dtype: DType = DType.float32
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="generate_schema", node=GenerateConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("sampler", SamplerConfig),
+        ("compile", CompileConfig),
+        ("parallel", ParallelConfig),
+        ("output", OutputConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)

@@ -1,0 +1,28 @@
+"""Stage: run the text tower once per CFG branch into static per-layer K/V buffers."""
+
+from __future__ import annotations
+
+import torch
+
+from .state import Components, State
+
+
+class TextPass:
+    """Reads cond_ids / uncond_ids; writes branches ([cond] or [cond, uncond])."""
+
+    def __init__(self, components: Components, offload_text_tower: bool = False):
+        self.model = components.transformer
+        self.offload = offload_text_tower
+
+    def __call__(self, state: State) -> State:
+        r = state.request
+        state.branches = []
+        for ids in (state.cond_ids, state.uncond_ids):
+            if ids is None:
+                continue
+            branch = self.model.setup_branch(len(ids), r.latent_shape, fps=r.fps, clean_frames=r.clean_frames)
+            self.model.text_pass(torch.tensor(ids, dtype=torch.long), branch)
+            state.branches.append(branch)
+        if self.offload:
+            self.model.offload_text_tower()
+        return state
