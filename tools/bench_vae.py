@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Benchmark the Wan2.2 VAE decode: ours (eager / compiled chunk body, optional channels_last_3d) against
+diffusers' AutoencoderKLWan with the same random weights, in the same run on the same card.
+
+Real Wan2.2 sizes (base 160, decoder 256, z 48) with random weights (meta → to_empty → small random
+fill); default latent [1, 48, 21, 45, 80] → video [1, 3, 81, 720, 1280], bf16. Reports the median decode
+time (CUDA events), peak extra memory (max_memory_allocated minus what was allocated before the call,
+including the output video), achieved TFLOP/s, and PSNR / max-abs against diffusers and against our
+eager decode. Full results go to JSON + a markdown report under $OUT (or --out); the table prints last.
+
+GPU:    python tools/bench_vae.py
+Smoke:  python tools/bench_vae.py --smoke          (tiny widths on the CPU, checks the script end to end)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cosmos3_compiled.checkpoint_io import assign_strict  # noqa: E402
+from cosmos3_compiled.progress import set_progress_enabled  # noqa: E402
+from cosmos3_compiled.vae import VAEConfig, WanVAE, build_vae  # noqa: E402
+
+WAN22 = dict(
+    base_dim=160,
+    decoder_base_dim=256,
+    z_dim=48,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+    is_residual=True,
+    patch_size=2,
+    in_channels=12,
+    out_channels=12,
+    scale_factor_spatial=16,
+    scale_factor_temporal=4,
+)
+OURS_MODES = ("eager", "eager_cl", "compiled", "compiled_cl", "compiled_cl_autotune")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def random_weights(cfg: dict, device: torch.device, dtype: torch.dtype, seed: int):
+    """diffusers' VAE built on meta, materialised with to_empty, filled with fan-in-scaled random values."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        ref = AutoencoderKLWan(**cfg)
+    ref = ref.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device))
+            elif name.endswith("bias"):
+                p.copy_(0.01 * torch.randn(p.shape, generator=gen, device=device))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) / math.sqrt(fan_in))
+    return ref
+
+
+def ours_from(ref, cfg: dict, dtype: torch.dtype, channels_last: bool) -> WanVAE:
+    """Our decoder-only VAE sharing the reference's tensors (assign, no copy) except where re-laid out."""
+    vae = build_vae(VAEConfig.from_dict(cfg), with_encoder=False)
+    state = ref.state_dict()
+    ignore = frozenset(k for k in state if k.startswith(("encoder.", "quant_conv.")))
+    assign_strict(vae, state, dtype, ignore=ignore, where="random weights")
+    vae.eval().requires_grad_(False)
+    return vae.apply_channels_last_3d() if channels_last else vae
+
+
+def compile_chunks(vae: WanVAE, mode: str | None) -> None:
+    """What cosmos3_compiled/compile.py is expected to do for the VAE: compile both chunk functions."""
+    vae.decoder_first_chunk = torch.compile(vae.decoder_first_chunk, fullgraph=True, mode=mode)
+    vae.decoder_chunk = torch.compile(vae.decoder_chunk, fullgraph=True, mode=mode)
+
+
+def decoder_flops(vae_cfg: dict, latent_shape: tuple[int, ...]) -> float:
+    """FLOPs of one decode (all chunks), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae = build_vae(VAEConfig.from_dict(vae_cfg), with_encoder=False)
+    b, c, t, h, w = latent_shape
+    x = torch.empty(b, c, 1, h, w, device="meta")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        _, hist = vae.decoder_first_chunk(x)
+        first = counter.get_total_flops()
+        if t > 1:
+            vae.decoder_chunk(x, hist)
+    steady = counter.get_total_flops() - first
+    return first + (t - 1) * steady
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def run(self, fn):
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = fn()
+            b.record()
+            b.synchronize()
+            return out, a.elapsed_time(b) / 1e3
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+
+def measure(fn, device: torch.device, warmup: int, iters: int) -> dict:
+    """Warm-up (first call timed on its own: compile), then median of `iters`; peak extra memory over them."""
+    timer = Timer(device)
+    first_s = None
+    for i in range(warmup):
+        video, s = timer.run(fn)
+        first_s = s if i == 0 else first_s
+        del video
+    gc.collect()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    times, video = [], None
+    for _ in range(iters):
+        video = None  # free the previous output before the next call
+        video, s = timer.run(fn)
+        times.append(s)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else None
+    return {"first_call_s": first_s, "times_s": times, "median_s": statistics.median(times), "peak_extra_gib": peak}, video
+
+
+def compare(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """PSNR over the [-1, 1] range (peak-to-peak 2) and max |x - ref|, computed frame by frame in fp32."""
+    se, n, mx = 0.0, 0, 0.0
+    for f in range(ref.shape[2]):
+        d = x[:, :, f].float() - ref[:, :, f].float()
+        se += d.pow(2).sum().item()
+        n += d.numel()
+        mx = max(mx, d.abs().max().item())
+    mse = se / n
+    return {"psnr_db": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse), "max_abs": mx}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latent", default="21,45,80", help="latent T,h,w (video 1+4(T-1) frames of 16h x 16w)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--ours", default="eager,eager_cl,compiled,compiled_cl", help=f"comma list of {', '.join(OURS_MODES)}")
+    ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (the first also compiles)")
+    ap.add_argument("--iters", type=int, default=3, help="timed calls; the median is reported")
+    ap.add_argument("--cudnn-benchmark", type=int, default=1, help="torch.backends.cudnn.benchmark for every mode (1/0)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny widths and latent on the CPU, fp32: checks the script")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for JSON + markdown")
+    args = ap.parse_args()
+
+    cfg = dict(WAN22)
+    if args.smoke:
+        cfg.update(base_dim=8, decoder_base_dim=8)
+        device, dtype, latent = torch.device("cpu"), torch.float32, (3, 3, 4)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("needs a CUDA device (use --smoke on the CPU)")
+        device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+        latent = tuple(int(v) for v in args.latent.split(","))
+    g = torch.Generator().manual_seed(args.seed + 1)
+    cfg["latents_mean"] = (0.2 * torch.randn(cfg["z_dim"], generator=g)).tolist()
+    cfg["latents_std"] = (0.5 + torch.rand(cfg["z_dim"], generator=g)).tolist()
+    modes = [m for m in args.ours.split(",") if m]
+    unknown = sorted(set(modes) - set(OURS_MODES))
+    if unknown:
+        sys.exit(f"unknown --ours mode(s) {unknown}; choose from {OURS_MODES}")
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # fixed shapes: let cuDNN pick its fastest algorithms
+    set_progress_enabled(False)
+
+    z = torch.randn(1, cfg["z_dim"], *latent, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    ref = random_weights(cfg, device, dtype, args.seed)
+    total_flops = decoder_flops(cfg, tuple(z.shape))
+    mean = torch.tensor(cfg["latents_mean"], dtype=dtype, device=device).view(1, -1, 1, 1, 1)
+    inv_std = (1.0 / torch.tensor(cfg["latents_std"], dtype=dtype, device=device)).view(1, -1, 1, 1, 1)
+
+    results: dict[str, dict] = {}
+    videos: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if not args.no_diffusers:
+            # The Cosmos3 pipeline's decode: de-normalise in the VAE dtype, then vae.decode(...).sample.
+            results["diffusers"], videos["diffusers"] = measure(
+                lambda: ref.decode(z.to(dtype) / inv_std + mean).sample, device, args.warmup, args.iters
+            )
+            print(f"diffusers: {results['diffusers']['median_s']:.3f} s", flush=True)
+        for mode in modes:
+            vae = ours_from(ref, cfg, dtype, channels_last=mode.endswith(("_cl", "_autotune")))
+            if mode.startswith("compiled"):
+                torch.compiler.reset()
+                compile_chunks(vae, "max-autotune-no-cudagraphs" if mode.endswith("autotune") else None)
+            results[mode], video = measure(lambda: vae.decode_frames(z), device, args.warmup, args.iters)
+            if "diffusers" in videos:
+                results[mode]["vs_diffusers"] = compare(video, videos["diffusers"])
+            if "eager" in videos and mode != "eager":
+                results[mode]["vs_ours_eager"] = compare(video, videos["eager"])
+            if mode == "eager":
+                videos["eager"] = video
+            del vae, video
+            print(f"{mode}: {results[mode]['median_s']:.3f} s", flush=True)
+    if "diffusers" in videos and "eager" in videos:
+        results["diffusers"]["vs_ours_eager"] = compare(videos["diffusers"], videos["eager"])
+
+    for r in results.values():
+        r["tflops"] = total_flops / r["median_s"] / 1e12
+    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    env = {
+        "device": card,
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "dtype": str(dtype),
+        "latent": list(z.shape),
+        "video": [1, 3, 1 + cfg["scale_factor_temporal"] * (latent[0] - 1), *(cfg["scale_factor_spatial"] * v for v in latent[1:])],
+        "decode_tflop": total_flops / 1e12,
+        "cudnn_benchmark": bool(args.cudnn_benchmark),
+        "config": {k: v for k, v in cfg.items() if not k.startswith("latents_")},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_vae.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
+    table = markdown(env, results)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in card.lower()).strip("_") or "cpu"
+    (out_dir / f"vae_{slug}_{time.strftime('%Y%m%d')}.md").write_text(table + "\n")
+    print(table)
+
+
+def markdown(env: dict, results: dict) -> str:
+    def fmt(v, spec):
+        return "—" if v is None else format(v, spec)
+
+    lines = [
+        f"Wan2.2 VAE decode, latent {env['latent']} → video {env['video']}, {env['dtype']}, {env['device']}, "
+        f"torch {env['torch']}, diffusers {env['diffusers']}, {env['decode_tflop']:.0f} TFLOP per decode",
+        "",
+        "| mode | median s | first call s | TFLOP/s | peak extra GiB | PSNR vs diffusers dB | max abs vs diffusers | PSNR vs our eager dB | max abs vs our eager |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        vd, ve = r.get("vs_diffusers", {}), r.get("vs_ours_eager", {})
+        lines.append(
+            f"| {name} | {r['median_s']:.3f} | {fmt(r['first_call_s'], '.1f')} | {r["tflops"]:.3g} | "
+            f"{fmt(r['peak_extra_gib'], '.2f')} | {fmt(vd.get('psnr_db'), '.1f')} | {fmt(vd.get('max_abs'), '.2e')} | "
+            f"{fmt(ve.get('psnr_db'), '.1f')} | {fmt(ve.get('max_abs'), '.2e')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
