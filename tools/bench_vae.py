@@ -261,7 +261,7 @@ def markdown(env: dict, results: dict) -> str:
     for name, r in results.items():
         vd, ve = r.get("vs_diffusers", {}), r.get("vs_ours_eager", {})
         lines.append(
-            f"| {name} | {r['median_s']:.3f} | {fmt(r['first_call_s'], '.1f')} | {r["tflops"]:.3g} | "
+            f"| {name} | {r['median_s']:.3f} | {fmt(r['first_call_s'], '.1f')} | {r['tflops']:.3g} | "
             f"{fmt(r['peak_extra_gib'], '.2f')} | {fmt(vd.get('psnr_db'), '.1f')} | {fmt(vd.get('max_abs'), '.2e')} | "
             f"{fmt(ve.get('psnr_db'), '.1f')} | {fmt(ve.get('max_abs'), '.2e')} |"
         )
