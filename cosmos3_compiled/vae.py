@@ -421,13 +421,37 @@ class Decoder(nn.Module):
         )
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, (3, 3, 3))
+        # Up blocks from here on run at the output frame rate (after the last temporal upsampling).
+        temporal = [i for i in range(last) if cfg.temporal_upsample[i]]
+        self.tail_start = temporal[-1] + 1 if temporal else 0
 
-    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
+    def _tail(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        for block in self.up_blocks[self.tail_start :]:
+            x = block(x, prev, nxt, False)  # `first` only matters for temporal upsampling, all before the tail
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), prev, nxt).clamp_(-1.0, 1.0)
+
+    def forward(
+        self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool, frame_tail: bool
+    ) -> Tensor:
+        """One latent frame → clamped patches [B, out_channels, 1 or 4, H, W] (histories via prev/nxt).
+
+        With `frame_tail`, the full-resolution tail (blocks after the last temporal upsampling, and the
+        head) runs one output frame at a time: the same causal arithmetic, a quarter of the working set.
+        """
         x = self.conv_in(x, prev, nxt)
         x = self.mid_block(x, prev, nxt)
-        for block in self.up_blocks:
+        for block in self.up_blocks[: self.tail_start]:
             x = block(x, prev, nxt, first)
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True), prev, nxt)
+        if not frame_tail or x.shape[2] == 1:
+            return self._tail(x, prev, nxt)
+        tail_prev = None if prev is None else prev[len(nxt) :]
+        frames = []
+        for j in range(x.shape[2]):
+            tail_nxt: list[Tensor] = []
+            frames.append(self._tail(x[:, :, j : j + 1], tail_prev, tail_nxt))
+            tail_prev = tail_nxt
+        nxt.extend(tail_prev)
+        return torch.cat(frames, dim=2)  # a few output-channel frames; the video itself is never concatenated
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -441,6 +465,9 @@ class WanVAE(nn.Module):
       * `decoder_first_chunk(x)` — latent frame 0, [1, z, 1, h, w] → (patches [1, 12, 1, h·8, w·8], histories)
       * `decoder_chunk(x, histories)` — every later latent frame → (patches [1, 12, 4, h·8, w·8], histories)
     Patches are already clamped to [-1, 1]; histories is a list of tensors (one per causal conv).
+    Settings read inside them (set before compiling): `frame_tail` (default True: the full-resolution
+    tail runs one output frame at a time, cutting the working set), and the layout chosen by
+    `apply_channels_last_3d()`.
     """
 
     def __init__(self, cfg: VAEConfig, with_encoder: bool = True) -> None:
@@ -451,6 +478,8 @@ class WanVAE(nn.Module):
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, (1, 1, 1))
         self.decoder = Decoder(cfg)
         self.memory_format = torch.contiguous_format
+        # Run the full-resolution decoder tail one output frame at a time (less memory, same arithmetic).
+        self.frame_tail = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -482,13 +511,11 @@ class WanVAE(nn.Module):
 
     def decoder_first_chunk(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         nxt: list[Tensor] = []
-        y = self.decoder(x, None, nxt, first=True)
-        return y.clamp_(-1.0, 1.0), nxt
+        return self.decoder(x, None, nxt, first=True, frame_tail=self.frame_tail), nxt
 
     def decoder_chunk(self, x: Tensor, prev: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         nxt: list[Tensor] = []
-        y = self.decoder(x, prev, nxt, first=False)
-        return y.clamp_(-1.0, 1.0), nxt
+        return self.decoder(x, prev, nxt, first=False, frame_tail=self.frame_tail), nxt
 
     def output_shape(self, z_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
         """[B, 3, F, H, W] of the video that decodes from a latent of `z_shape`."""
@@ -592,11 +619,13 @@ def load_vae(
     *,
     with_encoder: bool = True,
     channels_last_3d: bool = False,
+    frame_tail: bool = True,
 ) -> WanVAE:
     """Load the Wan2.2 VAE from a checkpoint folder (its `vae/` subfolder, or a `vae/` folder itself).
 
     Safetensors only, strict: every key must match diffusers' `AutoencoderKLWan` state dict. With
-    `with_encoder=False` the encoder weights are skipped (decode-only, less memory).
+    `with_encoder=False` the encoder weights are skipped (decode-only, less memory). `channels_last_3d`
+    and `frame_tail` set the decode layout and tail mode (see `WanVAE`).
     """
     folder = Path(folder)
     vae_dir = folder / "vae" if (folder / "vae").is_dir() else folder
@@ -606,6 +635,7 @@ def load_vae(
     ignore = frozenset() if with_encoder else frozenset(k for k in state if k.startswith(("encoder.", "quant_conv.")))
     assign_strict(model, state, dtype, ignore=ignore, where=str(vae_dir))
     model.eval().requires_grad_(False)
+    model.frame_tail = frame_tail
     if channels_last_3d:
         model.apply_channels_last_3d()
     return model

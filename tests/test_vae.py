@@ -96,8 +96,10 @@ def _latent(t: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- parity
 
 
+@pytest.mark.parametrize("frame_tail", [True, False])
 @pytest.mark.parametrize("t,h,w", [(1, 3, 5), (2, 4, 4), (3, 3, 5)])
-def test_decode_matches_diffusers_fp32(ref, ours, t, h, w):
+def test_decode_matches_diffusers_fp32(ref, ours, t, h, w, frame_tail, monkeypatch):
+    monkeypatch.setattr(ours, "frame_tail", frame_tail)
     latent = _latent(t, h, w, seed=10 * t + h)
     expected = _reference_decode(ref, latent)
     got = ours.decode_frames(latent)
