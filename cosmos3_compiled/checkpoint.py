@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from .checkpoint_io import assign_strict, load_tensors, weight_files
 from .config import TransformerConfig
@@ -17,24 +18,30 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
 def load_transformer(
-    folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+    offload_text_tower: bool = False,
 ) -> Cosmos3Transformer:
     """Build on the meta device and assign the official `transformer/` weights (one file or shards), strictly.
 
     The time embedder stays in fp32, as in the reference. Video-tower projections are fused after loading.
+    With `offload_text_tower`, text-tower weights are read into host memory and never held on `device`.
     """
     folder = Path(folder)
     cfg = TransformerConfig.from_folder(folder)
     files = weight_files(folder, WEIGHTS_STEM)
     with torch.device("meta"):
         model = Cosmos3Transformer(cfg)
-    state = load_tensors(files, device)
+    state = load_tensors(files, "cpu" if offload_text_tower else device)
+    if offload_text_tower:
+        state = {k: v if Cosmos3Transformer.is_text_param(k) else v.to(device) for k, v in state.items()}
     ignore = frozenset(
         k for k in state if k in Cosmos3Transformer.unused_keys or k.startswith(Cosmos3Transformer.unused_prefixes)
     )
     assign_strict(model, state, dtype, ignore=ignore, keep_fp32=Cosmos3Transformer.keep_fp32, where=str(folder))
     del state
     model.eval().requires_grad_(False)
+    if offload_text_tower:
+        model.offload_text_tower()
     model.setup_buffers()
     return model
 
@@ -42,7 +49,8 @@ def load_transformer(
 def init_random_(model: Cosmos3Transformer, seed: int) -> Cosmos3Transformer:
     """Deterministic weights with O(1) activations: linears ~ N(0, 1/fan_in), norms 1 ± 0.1, embeddings N(0, 1).
 
-    Works on any device (the generator lives on the model's device), so Nano-size models fill in seconds.
+    Numbers are drawn on the video tower's device (seconds for Nano on a GPU) and copied to wherever
+    each parameter lives, so the same seed gives the same weights with the text tower offloaded.
     """
     dev = model.device
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -62,16 +70,27 @@ def init_random_(model: Cosmos3Transformer, seed: int) -> Cosmos3Transformer:
 
 def build_random(
     cfg: TransformerConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    fuse: bool = True,
+    fuse: bool = True, offload_text_tower: bool = False,
 ) -> Cosmos3Transformer:
-    """A model with seeded random weights (embedded default, benchmarks): meta → to_empty → fill."""
+    """A model with seeded random weights (embedded default, benchmarks): meta → allocate in place → fill.
+
+    With `offload_text_tower`, text-tower parameters are allocated in host memory from the start.
+    """
     with torch.device("meta"):
         model = Cosmos3Transformer(cfg)
-    model.to_empty(device=device)
+    for mod_name, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            target = "cpu" if offload_text_tower and Cosmos3Transformer.is_text_param(name) else device
+            keep = torch.float32 if name.startswith(Cosmos3Transformer.keep_fp32) else dtype
+            module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=keep, device=target),
+                                                     requires_grad=False)
     init_random_(model, seed)
-    model.to(dtype)
-    model.time_embedder.float()
     model.eval().requires_grad_(False)
+    if offload_text_tower:
+        model.offload_text_tower()
     if fuse:
         model.setup_buffers()
     return model

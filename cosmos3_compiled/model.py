@@ -268,6 +268,7 @@ class Cosmos3Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the video tower (and the step) runs."""
         return self.proj_in.weight.device
 
     # ---- set-up (outside any compiled region) -------------------------------------------------
@@ -322,21 +323,57 @@ class Cosmos3Transformer(nn.Module):
 
     # ---- text tower: once per prompt and CFG branch --------------------------------------------
 
+    @staticmethod
+    def is_text_param(name: str) -> bool:
+        """Parameters only the text tower reads (they may live on the CPU: see `offload_text_tower`)."""
+        if name.startswith("embed_tokens."):
+            return True
+        parts = name.split(".")
+        if parts[0] != "layers":
+            return False
+        if parts[2] in ("mlp", "input_layernorm", "post_attention_layernorm"):
+            return True
+        return parts[2] == "self_attn" and parts[3] in ("to_q", "to_k", "to_v", "to_out", "norm_q", "norm_k",
+                                                        "k_norm_und_for_gen")
+
+    def _text_params(self, prefix: str) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n.startswith(prefix) and self.is_text_param(n)]
+
+    @property
+    def text_offloaded(self) -> bool:
+        return self.embed_tokens.weight.device != self.device
+
+    def offload_text_tower(self) -> None:
+        """Keep the text tower's weights in (pinned) host memory; `text_pass` streams them in one layer at a
+        time, so the GPU holds the video tower, the K/V buffers and at most one text layer."""
+        pin = self.device.type == "cuda"
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if self.is_text_param(name) and p.device.type != "cpu":
+                    p.data = p.data.cpu().pin_memory() if pin else p.data.cpu()
+
     @torch.no_grad()
     def text_pass(self, input_ids: torch.Tensor, branch: Branch) -> None:
         """Run the text tower over `input_ids` [L] and fill rows [:L] of the branch's K/V buffers."""
         L = input_ids.shape[0]
         if L != branch.text_len:
             raise ValueError(f"text pass got {L} tokens for a branch set up for {branch.text_len}")
-        cfg = self.cfg
+        cfg, dev = self.cfg, self.device
         cos, sin = ops.mrope_tables(
-            ops.text_positions(L).to(self.device), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype
+            ops.text_positions(L).to(dev), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype
         )
-        h = self.embed_tokens(input_ids.to(self.device))  # [L, d]
+        emb = self.embed_tokens.weight
+        h = F.embedding(input_ids.to(emb.device), emb).to(dev)  # [L, d]
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             k_out, v_out = branch.k_bufs[i][:, :L].transpose(0, 1), branch.v_bufs[i][:, :L].transpose(0, 1)
+            streamed = self._text_params(f"layers.{i}.") if self.text_offloaded else []
+            host = [p.data for p in streamed]
+            for p in streamed:
+                p.data = p.data.to(dev, non_blocking=True)
             h = layer.text_forward(h, cos, sin, k_out, v_out, last=i == last)
+            for p, data in zip(streamed, host):
+                p.data = data
 
     # ---- video tower: every denoising step -----------------------------------------------------
 
