@@ -284,10 +284,12 @@ def _compiled_decode(vae, latent, backend):
         vae.decoder_first_chunk, vae.decoder_chunk = eager_first, eager_chunk
 
 
-def test_chunk_body_traces_fullgraph_without_recompiles(ours):
+@pytest.mark.parametrize("channels_last,frame_tail", [(False, True), (True, False)])
+def test_chunk_body_traces_fullgraph_without_recompiles(folder, channels_last, frame_tail):
     """fullgraph tracing + guard stability of both chunk functions (no codegen, so it stays fast)."""
+    vae = load_vae(folder, with_encoder=False, channels_last_3d=channels_last, frame_tail=frame_tail)
     latent = _latent(4, 2, 3, seed=12)
-    assert torch.equal(_compiled_decode(ours, latent, "eager"), ours.decode_frames(latent))
+    assert torch.equal(_compiled_decode(vae, latent, "eager"), vae.decode_frames(latent))
 
 
 @pytest.mark.slow

@@ -48,7 +48,16 @@ WAN22 = dict(
     scale_factor_spatial=16,
     scale_factor_temporal=4,
 )
-OURS_MODES = ("eager", "eager_cl", "compiled", "compiled_cl", "compiled_cl_autotune")
+# A mode is `eager` or `compiled`, plus any of: `_cl` (channels_last_3d), `_chunk` (whole-chunk tail
+# instead of frame-by-frame, see WanVAE.frame_tail), `_autotune` (compiled with max-autotune-no-cudagraphs).
+MODE_FLAGS = ("cl", "chunk", "autotune")
+
+
+def parse_mode(mode: str) -> tuple[str, set[str]]:
+    base, *flags = mode.split("_")
+    if base not in ("eager", "compiled") or not set(flags) <= set(MODE_FLAGS) or ("autotune" in flags and base != "compiled"):
+        sys.exit(f"bad --ours mode {mode!r}: eager|compiled followed by any of _cl, _chunk (and _autotune when compiled)")
+    return base, set(flags)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -162,7 +171,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latent", default="21,45,80", help="latent T,h,w (video 1+4(T-1) frames of 16h x 16w)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--ours", default="eager,eager_cl,compiled,compiled_cl", help=f"comma list of {', '.join(OURS_MODES)}")
+    ap.add_argument(
+        "--ours",
+        default="eager,eager_cl,compiled_cl,compiled_cl_chunk",
+        help="comma list of modes: eager|compiled + optional _cl (channels_last_3d), _chunk (whole-chunk tail), "
+        "_autotune (compiled, max-autotune-no-cudagraphs)",
+    )
     ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (the first also compiles)")
     ap.add_argument("--iters", type=int, default=3, help="timed calls; the median is reported")
@@ -185,9 +199,8 @@ def main() -> None:
     cfg["latents_mean"] = (0.2 * torch.randn(cfg["z_dim"], generator=g)).tolist()
     cfg["latents_std"] = (0.5 + torch.rand(cfg["z_dim"], generator=g)).tolist()
     modes = [m for m in args.ours.split(",") if m]
-    unknown = sorted(set(modes) - set(OURS_MODES))
-    if unknown:
-        sys.exit(f"unknown --ours mode(s) {unknown}; choose from {OURS_MODES}")
+    for m in modes:
+        parse_mode(m)
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # fixed shapes: let cuDNN pick its fastest algorithms
     set_progress_enabled(False)
 
@@ -207,10 +220,12 @@ def main() -> None:
             )
             print(f"diffusers: {results['diffusers']['median_s']:.3f} s", flush=True)
         for mode in modes:
-            vae = ours_from(ref, cfg, dtype, channels_last=mode.endswith(("_cl", "_autotune")))
-            if mode.startswith("compiled"):
+            base, flags = parse_mode(mode)
+            vae = ours_from(ref, cfg, dtype, channels_last="cl" in flags)
+            vae.frame_tail = "chunk" not in flags
+            if base == "compiled":
                 torch.compiler.reset()
-                compile_chunks(vae, "max-autotune-no-cudagraphs" if mode.endswith("autotune") else None)
+                compile_chunks(vae, "max-autotune-no-cudagraphs" if "autotune" in flags else None)
             results[mode], video = measure(lambda: vae.decode_frames(z), device, args.warmup, args.iters)
             if "diffusers" in videos:
                 results[mode]["vs_diffusers"] = compare(video, videos["diffusers"])
