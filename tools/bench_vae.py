@@ -97,13 +97,13 @@ def compile_chunks(vae: WanVAE, mode: str | None) -> None:
     vae.decoder_chunk = torch.compile(vae.decoder_chunk, fullgraph=True, mode=mode)
 
 
-def decoder_flops(vae_cfg: dict, latent_shape: tuple[int, ...]) -> float:
-    """FLOPs of one decode (all chunks), counted on the meta device."""
+def decoder_flops(vae_cfg: dict, latent_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[float, float]:
+    """(FLOPs of one decode, bytes of the causal histories carried between chunks), on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    vae = build_vae(VAEConfig.from_dict(vae_cfg), with_encoder=False)
+    vae = build_vae(VAEConfig.from_dict(vae_cfg), with_encoder=False).to(dtype)
     b, c, t, h, w = latent_shape
-    x = torch.empty(b, c, 1, h, w, device="meta")
+    x = torch.empty(b, c, 1, h, w, device="meta", dtype=dtype)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         _, hist = vae.decoder_first_chunk(x)
@@ -111,7 +111,7 @@ def decoder_flops(vae_cfg: dict, latent_shape: tuple[int, ...]) -> float:
         if t > 1:
             vae.decoder_chunk(x, hist)
     steady = counter.get_total_flops() - first
-    return first + (t - 1) * steady
+    return first + (t - 1) * steady, float(sum(v.numel() * v.element_size() for v in hist))
 
 
 class Timer:
@@ -206,7 +206,7 @@ def main() -> None:
 
     z = torch.randn(1, cfg["z_dim"], *latent, generator=torch.Generator().manual_seed(args.seed)).to(device)
     ref = random_weights(cfg, device, dtype, args.seed)
-    total_flops = decoder_flops(cfg, tuple(z.shape))
+    total_flops, history_bytes = decoder_flops(cfg, tuple(z.shape), dtype)
     mean = torch.tensor(cfg["latents_mean"], dtype=dtype, device=device).view(1, -1, 1, 1, 1)
     inv_std = (1.0 / torch.tensor(cfg["latents_std"], dtype=dtype, device=device)).view(1, -1, 1, 1, 1)
 
@@ -249,6 +249,9 @@ def main() -> None:
         "latent": list(z.shape),
         "video": [1, 3, 1 + cfg["scale_factor_temporal"] * (latent[0] - 1), *(cfg["scale_factor_spatial"] * v for v in latent[1:])],
         "decode_tflop": total_flops / 1e12,
+        "history_gib": history_bytes / 2**30,  # causal state carried between chunks: a floor for peak memory
+        "video_gib": math.prod(z.shape[:1]) * 3 * (1 + cfg["scale_factor_temporal"] * (latent[0] - 1))
+        * math.prod(cfg["scale_factor_spatial"] * v for v in latent[1:]) * torch.finfo(dtype).bits / 8 / 2**30,
         "cudnn_benchmark": bool(args.cudnn_benchmark),
         "config": {k: v for k, v in cfg.items() if not k.startswith("latents_")},
         "date": time.strftime("%Y-%m-%d"),
@@ -268,7 +271,9 @@ def markdown(env: dict, results: dict) -> str:
 
     lines = [
         f"Wan2.2 VAE decode, latent {env['latent']} → video {env['video']}, {env['dtype']}, {env['device']}, "
-        f"torch {env['torch']}, diffusers {env['diffusers']}, {env['decode_tflop']:.0f} TFLOP per decode",
+        f"torch {env['torch']}, diffusers {env['diffusers']}, {env['decode_tflop']:.0f} TFLOP per decode; "
+        f"causal histories {env['history_gib']:.2f} GiB and the output video {env['video_gib']:.2f} GiB are "
+        "part of every peak",
         "",
         "| mode | median s | first call s | TFLOP/s | peak extra GiB | PSNR vs diffusers dB | max abs vs diffusers | PSNR vs our eager dB | max abs vs our eager |",
         "|---|---|---|---|---|---|---|---|---|",
