@@ -77,3 +77,97 @@ def compile_counters() -> dict:
         "unique_graphs": int(stats.get("unique_graphs", 0)),
         "recompiles": int(sum(v for k, v in counters["recompiles"].items())) if "recompiles" in counters else 0,
     }
+
+
+class SteadyStateRunner:
+    """Calls a step; after `warmup` calls every further call runs under the fail-on-recompile stance,
+    so a recompile in steady state is an error rather than a silent stall."""
+
+    def __init__(self, step, warmup: int):
+        self.step, self.warmup, self.calls = step, warmup, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self.step()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return self.step()
+
+
+class CudaGraphRunner:
+    """Our own capture of the whole denoising step (every branch's video step, CFG combine, scheduler
+    update) in one CUDA graph over static buffers, replayed every step.
+
+    The first `warmup_calls` calls are real steps run normally on a side stream (they compile, autotune
+    and allocate outside the capture); the graph is captured right after — capturing executes nothing,
+    so no step is wasted and no state has to be saved — and every later call is one `replay()`.
+    """
+
+    def __init__(self, step, warmup_calls: int = 1):
+        self.step, self.warmup_calls, self.calls = step, warmup_calls, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self):
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.calls >= self.warmup_calls:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
+
+
+def apply_compile_vae(vae, mode: str) -> None:
+    """Compile the VAE's per-chunk decoder bodies (fullgraph); "eager" leaves them alone."""
+    if mode == "eager":
+        return
+    if mode not in MODES or MODES[mode] is None:
+        raise ValueError(f"unknown VAE compile mode {mode!r}; choose eager or one of {', '.join(MODES)}")
+    for name in ("decoder_first_chunk", "decoder_chunk"):
+        setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, mode=MODES[mode]))
+
+
+def make_step_runner(mode: str, step, state: list[torch.Tensor], warmup: int):
+    if mode == "cudagraph":
+        if not all(t.is_cuda for t in state):
+            raise ValueError("compile=cudagraph captures a CUDA graph: it needs device=cuda")
+        return CudaGraphRunner(step, max(1, warmup))
+    if MODES.get(mode) is None:
+        return step
+    return SteadyStateRunner(step, warmup)
+
+
+def setup_compile_cache(cache_dir: str | None) -> "CompileCache | None":
+    return CompileCache(cache_dir) if cache_dir else None
+
+
+class CompileCache:
+    """Warm starts across processes: inductor's on-disk caches under `cache_dir`, plus dynamo/inductor's
+    portable cache artifacts (`torch.compiler.save_cache_artifacts` / `load_cache_artifacts`)."""
+
+    def __init__(self, cache_dir: str):
+        import os
+        from pathlib import Path
+
+        self.dir = Path(cache_dir).expanduser()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.dir / "inductor")
+        os.environ.setdefault("TRITON_CACHE_DIR", str(self.dir / "triton"))
+        self.artifacts = self.dir / "cache_artifacts.bin"
+        self.loaded = False
+        if self.artifacts.is_file():
+            torch.compiler.load_cache_artifacts(self.artifacts.read_bytes())
+            self.loaded = True
+
+    def save(self) -> None:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is not None:
+            tmp = self.artifacts.with_suffix(".partial")
+            tmp.write_bytes(saved[0])
+            tmp.replace(self.artifacts)

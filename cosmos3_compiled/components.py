@@ -18,17 +18,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SUBFOLDERS = ("transformer", "vae", "scheduler", "text_tokenizer")
 
 
-def embedded_vae_config(z_dim: int = 48) -> dict:
-    """A tiny Wan2.2-architecture VAE (diffusers config keys) for the embedded default."""
+def embedded_vae_config(z_dim: int = 48, full_size: bool = False) -> dict:
+    """A Wan2.2-architecture VAE config (diffusers keys): tiny for the embedded default, or the real
+    widths (base 160, decoder 256, 2 res blocks) for Nano-size benchmarks with random weights."""
     gen = torch.Generator().manual_seed(1234)
     return {
         "_class_name": "AutoencoderKLWan",
         "_diffusers_version": "0.42.1",
-        "base_dim": 8,
-        "decoder_base_dim": 16,
+        "base_dim": 160 if full_size else 8,
+        "decoder_base_dim": 256 if full_size else 16,
         "z_dim": z_dim,
         "dim_mult": [1, 2, 4, 4],
-        "num_res_blocks": 1,
+        "num_res_blocks": 2 if full_size else 1,
         "attn_scales": [],
         "temperal_downsample": [False, True, True],
         "dropout": 0.0,
@@ -45,10 +46,12 @@ def embedded_vae_config(z_dim: int = 48) -> dict:
 
 
 def init_vae_random_(vae: WanVAE, seed: int) -> WanVAE:
-    gen = torch.Generator().manual_seed(seed)
+    """Seeded weights drawn on the VAE's own device (seconds for the full-size VAE on a GPU)."""
+    dev = vae.post_quant_conv.weight.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in vae.named_parameters():
-            t = torch.randn(p.shape, generator=gen)
+            t = torch.randn(p.shape, generator=gen, device=dev)
             if p.ndim >= 2:
                 t /= math.sqrt(math.prod(p.shape[1:]))
             elif name.endswith("gamma"):
@@ -59,11 +62,17 @@ def init_vae_random_(vae: WanVAE, seed: int) -> WanVAE:
     return vae
 
 
-def build_embedded(name: str, seed: int, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype):
-    """The embedded default: seeded random transformer and VAE, built-in tokenizer, Cosmos3 scheduler."""
+def build_embedded(name: str, seed: int, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+                   offload_text_tower: bool = False):
+    """The embedded default: seeded random transformer and VAE, built-in tokenizer, Cosmos3 scheduler.
+
+    `debug` sizes get a tiny VAE (drawn on the CPU, so every machine gets the same weights); other
+    presets get the real Wan2.2 VAE widths, drawn on `device`.
+    """
     cfg = preset(name)
-    transformer = build_random(cfg, seed=seed, dtype=dtype, device=device)
-    vae = build_vae(VAEConfig.from_dict(embedded_vae_config(cfg.latent_channel)), device="cpu")
+    transformer = build_random(cfg, seed=seed, dtype=dtype, device=device, offload_text_tower=offload_text_tower)
+    full = not name.startswith("debug")
+    vae = build_vae(VAEConfig.from_dict(embedded_vae_config(cfg.latent_channel, full)), device=device if full else "cpu")
     init_vae_random_(vae, seed + 1).to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
     return transformer, vae, FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG), PromptTokenizer.builtin()
 
@@ -86,9 +95,10 @@ def check_checkpoint_folder(folder: str | Path) -> TransformerConfig:
 
 
 def load_checkpoint(folder: str | Path, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
-                    with_encoder: bool):
+                    with_encoder: bool, offload_text_tower: bool = False):
     folder = Path(folder)
-    transformer = load_transformer(folder / "transformer", dtype=dtype, device=device)
+    transformer = load_transformer(folder / "transformer", dtype=dtype, device=device,
+                                   offload_text_tower=offload_text_tower)
     vae = load_vae(folder / "vae", dtype=vae_dtype, device=device, with_encoder=with_encoder)
     scheduler = FlowUniPCScheduler.from_folder(folder / "scheduler")
     tokenizer = PromptTokenizer.from_folder(folder / "text_tokenizer")

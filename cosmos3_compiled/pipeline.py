@@ -15,7 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint_io import CheckpointError, read_json
-from .compile import MODES, CompileSettings, apply_compile, compile_counters
+from .compile import (
+    MODES, CompileSettings, apply_compile, apply_compile_vae, compile_counters, setup_compile_cache,
+)
 from .components import DTYPES, build_embedded, check_checkpoint_folder, load_checkpoint
 from .config import ConfigError, preset
 from .progress import set_progress_enabled
@@ -128,11 +130,13 @@ def generate(cfg: DictConfig, out_dir: str | Path):
     metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "seconds": {}}
     t0 = time.perf_counter()
     if cfg.checkpoint is None:
-        transformer, vae, _, tokenizer = build_embedded(cfg.model.name, cfg.model.init_seed, device, dtype, vae_dtype)
+        transformer, vae, _, tokenizer = build_embedded(cfg.model.name, cfg.model.init_seed, device, dtype, vae_dtype,
+                                                        offload_text_tower=cfg.compile.offload_text_tower)
         source = f"embedded:{cfg.model.name}"
     else:
         transformer, vae, _, tokenizer = load_checkpoint(
-            str(cfg.checkpoint), device, dtype, vae_dtype, with_encoder=request.image_to_video
+            str(cfg.checkpoint), device, dtype, vae_dtype, with_encoder=request.image_to_video,
+            offload_text_tower=cfg.compile.offload_text_tower,
         )
         source = str(Path(str(cfg.checkpoint)).resolve())
     scheduler = FlowUniPCScheduler.from_config(sched_raw)
@@ -141,17 +145,19 @@ def generate(cfg: DictConfig, out_dir: str | Path):
     metrics["seconds"]["load"] = time.perf_counter() - t0
     components = Components(transformer, vae, scheduler, tokenizer, device, dtype, source)
 
+    cache = setup_compile_cache(cfg.compile.cache_dir)
     settings = CompileSettings(
         mode=cfg.compile.mode, scope=cfg.compile.scope, fullgraph=cfg.compile.fullgraph, dynamic=cfg.compile.dynamic,
         recompile_limit=cfg.compile.recompile_limit, inductor=dict(cfg.compile.inductor),
     )
     apply_compile(transformer, settings)
+    apply_compile_vae(vae, cfg.compile.vae)
     stages = [
         ("tokenize", Tokenize(components)),
         ("text_pass", TextPass(components, offload_text_tower=cfg.compile.offload_text_tower)),
         ("latents", Latents(components)),
         ("timesteps", Timesteps(components)),
-        ("denoise", Denoise(components)),
+        ("denoise", Denoise(components, mode=cfg.compile.mode, warmup_steps=cfg.compile.warmup_steps)),
         ("decode", Decode(components)),
         ("postprocess", Postprocess(components, keep_float=_value(cfg.output.frames) == "float32")),
         ("save", Save(components, out_dir, frames=_value(cfg.output.frames), video=cfg.output.video,
@@ -167,7 +173,10 @@ def generate(cfg: DictConfig, out_dir: str | Path):
         _sync(device)
         metrics["seconds"][name] = time.perf_counter() - t0
     metrics["seconds"]["total"] = time.perf_counter() - t_start
-    metrics["compile"] = compile_counters()
+    metrics["compile"] = {**compile_counters(), "mode": cfg.compile.mode, "scope": cfg.compile.scope,
+                          "warm_cache": bool(cache and cache.loaded)}
+    if cache is not None:
+        cache.save()
     if device.type == "cuda":
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     state.outputs["metrics"] = write_metrics(state, out_dir)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from cosmos3_compiled.compile import make_step_runner
 from cosmos3_compiled.progress import progress
 from cosmos3_compiled.scheduler import unipc_step_
 
@@ -34,20 +37,58 @@ class DenoiseStep:
 
 
 class Denoise:
-    """Reads latents, branches, timesteps; writes latents (in place)."""
+    """Reads latents, branches, timesteps; writes latents (in place), metrics["steps"]; frees branches."""
 
-    def __init__(self, components: Components, step_runner=None):
+    def __init__(self, components: Components, mode: str = "eager", warmup_steps: int = 1):
         self.model = components.transformer
         self.scheduler = components.scheduler
-        self.step_runner = step_runner  # compile.py's wrapper for compiled / CUDA-graph modes
+        self.mode, self.warmup = mode, warmup_steps
 
     @torch.no_grad()
     def __call__(self, state: State) -> State:
         step = DenoiseStep(self.model, self.scheduler, state.branches, state.latents, state.request.guidance_scale)
-        run = self.step_runner(step) if self.step_runner is not None else step
+        s = self.scheduler
+        run = make_step_runner(self.mode, step, [state.latents, s.history, s.last_sample], self.warmup)
         timesteps = state.timesteps.to(torch.float32)
+        timer = StepTimer(state.latents.device)
         for i in progress(range(len(timesteps)), desc="denoise", total=len(timesteps)):
             step.timestep.copy_(timesteps[i])  # host → device, no sync on the device side
-            self.scheduler.load_coefficients_(i)
-            run()
+            s.load_coefficients_(i)
+            with timer:
+                run()
+        state.metrics["steps"] = timer.summary()
+        state.branches = []  # the K/V buffers are not needed past the last step: free them before decode
         return state
+
+
+class StepTimer:
+    """Per-step wall time: CUDA events on the GPU (read once at the end), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def __enter__(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append([ev, None])
+        else:
+            self.marks.append([time.perf_counter(), None])
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks[-1][1] = ev
+        else:
+            self.marks[-1][1] = time.perf_counter()
+
+    def summary(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+            secs = [a.elapsed_time(b) / 1e3 for a, b in self.marks]
+        else:
+            secs = [b - a for a, b in self.marks]
+        steady = sorted(secs[1:]) or secs
+        return {"first_s": secs[0], "steady_median_s": steady[len(steady) // 2], "all_s": secs}
