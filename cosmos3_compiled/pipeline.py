@@ -94,6 +94,8 @@ def check_settings(cfg: DictConfig) -> tuple[torch.device, torch.dtype, torch.dt
     vae_dtype = DTYPES[_value(cfg.model.vae_dtype)] if cfg.model.vae_dtype is not None else dtype
     if cfg.compile.mode not in MODES:
         raise RequestError(f"unknown compile mode {cfg.compile.mode!r}; choose one of {', '.join(MODES)}")
+    if cfg.compile.mode in ("cudagraph", "reduce_overhead", "max_autotune") and device.type != "cuda":
+        raise RequestError(f"compile={cfg.compile.mode} uses CUDA graphs: it needs device=cuda")
     if cfg.checkpoint is None:
         preset(cfg.model.name)
     return device, dtype, vae_dtype

@@ -51,6 +51,21 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
+def kernel_sum(fn, iters: int) -> dict:
+    """Sum of GPU kernel time and kernel launches per call, from the profiler (CUPTI also sees graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "Memset" not in e.name
+               and "Memcpy" not in e.name]
+    total_us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
+    return {"kernel_s": total_us / 1e6 / iters, "kernels_per_call": len(kernels) / iters}
+
+
 def flops(cfg, n_video: int, n_text: int) -> dict:
     d, f, hd, hq, hkv, layers = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads,
                                  cfg.num_key_value_heads, cfg.num_hidden_layers)
@@ -73,7 +88,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--attn", default="cudnn", help="SDPA backend for ours: auto|cudnn|flash|efficient|math")
     ap.add_argument("--expand-kv", action="store_true", help="copy K/V out to all query heads before SDPA")
-    ap.add_argument("--ours", default="eager,blocks", help="comma list of: eager, blocks, full, blocks_max_autotune")
+    ap.add_argument("--ours", default="eager,blocks,cudagraph",
+                    help="comma list of: eager, blocks, full, blocks_<compile mode>, cudagraph (blocks + one CUDA graph)")
+    ap.add_argument("--kernel-sum", action="store_true",
+                    help="also profile each 'ours' mode: sum of its GPU kernel times and launches per step")
     ap.add_argument("--diffusers", default="eager,regional", help="comma list of: eager, regional ('' to skip)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last 'ours' mode")
@@ -171,7 +189,24 @@ def main() -> None:
     with torch.no_grad():
         for mode in args.ours.split(","):
             compile_s = 0.0
-            if mode != "eager":
+            graph = None
+            if mode == "cudagraph":
+                torch._dynamo.reset()
+                for m in [model, *model.layers]:
+                    m._compiled_call_impl = None
+                apply_compile(model, CompileSettings(mode="default", scope="blocks", fullgraph=True))
+                t0 = time.perf_counter()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    model(latents, ts, branch)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = model(latents, ts, branch)
+                sync()
+                compile_s = time.perf_counter() - t0
+            elif mode != "eager":
                 scope, _, cmode = mode.partition("_")
                 cmode = cmode or "default"
                 torch._dynamo.reset()
@@ -183,8 +218,15 @@ def main() -> None:
                 model(latents, ts, branch)
                 sync()
                 compile_s = time.perf_counter() - t0
-            times = cuda_time(lambda: model(latents, ts, branch), args.warmup, args.iters)
-            out = model(latents, ts, branch).float().cpu()
+            if graph is not None:
+                def call():
+                    graph.replay()
+                    return static_out
+            else:
+                def call():
+                    return model(latents, ts, branch)
+            times = cuda_time(call, args.warmup, args.iters)
+            out = call().float().cpu()
             if eager_out is None:
                 eager_out = out
             med = statistics.median(times)
@@ -193,6 +235,9 @@ def main() -> None:
             if ref_out is not None:
                 row["psnr_vs_diffusers_eager"] = psnr(out, ref_out)
             row.update(compile_counters())
+            if args.kernel_sum and dev.type == "cuda":
+                row.update(kernel_sum(call, 3))
+                row["wall_over_kernels"] = med / row["kernel_s"]
             rows.append(row)
     if args.profile and dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -212,11 +257,13 @@ def main() -> None:
     (out_dir / f"bench_transformer_{args.height}x{args.width}x{args.frames}.json").write_text(json.dumps(results, indent=2))
     print(f"\n{results['device_name']}, torch {torch.__version__}, latent {latent}, {n_video} video tokens, "
           f"{args.text_len} text tokens; {fl['linear_tflop']:.1f} + {fl['attention_tflop']:.1f} TFLOP per step")
-    print("| impl | median s | TFLOP/s | compile s | PSNR vs diffusers eager | PSNR vs ours eager |")
-    print("|---|---|---|---|---|---|")
+    print("| impl | median s | TFLOP/s | compile s | kernel-sum s | wall/kernels | launches | PSNR vs diffusers eager | PSNR vs ours eager |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in rows:
         print(f"| {r['impl']} | {r['median_s']:.4f} | {r['tflops']:.0f} | {r['compile_s']:.1f} | "
-              f"{r.get('psnr_vs_diffusers_eager', float('nan')):.1f} | {r.get('psnr_vs_ours_eager', float('nan')):.1f} |")
+              f"{r.get('kernel_s', nan):.4f} | {r.get('wall_over_kernels', nan):.3f} | {r.get('kernels_per_call', nan):.0f} | "
+              f"{r.get('psnr_vs_diffusers_eager', nan):.1f} | {r.get('psnr_vs_ours_eager', nan):.1f} |")
 
 
 if __name__ == "__main__":
