@@ -116,10 +116,11 @@ def test_decode_into_given_buffer(ref, ours):
     assert (out.float() - _reference_decode(ref, latent)).abs().max().item() <= 1e-5
 
 
-def test_decode_bf16_as_accurate_as_diffusers_bf16(folder, ref):
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_decode_bf16_as_accurate_as_diffusers_bf16(folder, ref, subpixel):
     """bf16 rounding differs in order from the reference's, so judge both against the fp32 result."""
     ref_bf16 = diffusers.AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.bfloat16).eval()
-    ours = load_vae(folder, dtype=torch.bfloat16)
+    ours = load_vae(folder, dtype=torch.bfloat16, subpixel_upsample=subpixel)
     latent = _latent(3, 3, 4, seed=7)
     exact = _reference_decode(ref, latent)
     ref_err = (_reference_decode(ref_bf16, latent).float() - exact).abs()
@@ -129,14 +130,18 @@ def test_decode_bf16_as_accurate_as_diffusers_bf16(folder, ref):
     assert err.mean() <= 1.25 * ref_err.mean() and err.max() <= 2 * ref_err.max()
 
 
-def test_channels_last_and_decoder_only_match(folder, ref):
+def test_channels_last_subpixel_and_decoder_only_match(folder, ref):
     latent = _latent(3, 3, 4, seed=8)
     expected = _reference_decode(ref, latent)
     cl = load_vae(folder, channels_last_3d=True, with_encoder=False)
     assert cl.encoder is None
     assert (cl.decode_frames(latent) - expected).abs().max().item() <= 1e-5
+    sub = load_vae(folder, with_encoder=False, subpixel_upsample=True)
+    assert (sub.decode_frames(latent) - expected).abs().max().item() <= 1e-5
+    assert all(k.startswith("decoder.") or k == "post_quant_conv.weight" or k == "post_quant_conv.bias" for k in sub.state_dict())
     with pytest.raises(ValueError, match="with_encoder=False"):
         cl.encode_mode(torch.zeros(1, 3, 1, 16, 16))
+    assert "subpixel_weight" not in str(list(sub.state_dict()))  # derived tensors never reach a checkpoint
 
 
 @pytest.mark.parametrize("frames,height,width", [(1, 16, 32), (5, 32, 16), (9, 16, 16)])
@@ -284,10 +289,12 @@ def _compiled_decode(vae, latent, backend):
         vae.decoder_first_chunk, vae.decoder_chunk = eager_first, eager_chunk
 
 
-@pytest.mark.parametrize("channels_last,frame_tail", [(False, True), (True, False)])
-def test_chunk_body_traces_fullgraph_without_recompiles(folder, channels_last, frame_tail):
+@pytest.mark.parametrize("channels_last,frame_tail,subpixel", [(False, True, False), (True, False, True)])
+def test_chunk_body_traces_fullgraph_without_recompiles(folder, channels_last, frame_tail, subpixel):
     """fullgraph tracing + guard stability of both chunk functions (no codegen, so it stays fast)."""
-    vae = load_vae(folder, with_encoder=False, channels_last_3d=channels_last, frame_tail=frame_tail)
+    vae = load_vae(
+        folder, with_encoder=False, channels_last_3d=channels_last, frame_tail=frame_tail, subpixel_upsample=subpixel
+    )
     latent = _latent(4, 2, 3, seed=12)
     assert torch.equal(_compiled_decode(vae, latent, "eager"), vae.decode_frames(latent))
 

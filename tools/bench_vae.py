@@ -49,14 +49,15 @@ WAN22 = dict(
     scale_factor_temporal=4,
 )
 # A mode is `eager` or `compiled`, plus any of: `_cl` (channels_last_3d), `_chunk` (whole-chunk tail
-# instead of frame-by-frame, see WanVAE.frame_tail), `_autotune` (compiled with max-autotune-no-cudagraphs).
-MODE_FLAGS = ("cl", "chunk", "autotune")
+# instead of frame-by-frame, see WanVAE.frame_tail), `_subpixel` (WanVAE.apply_subpixel_upsample),
+# `_autotune` (compiled with max-autotune-no-cudagraphs).
+MODE_FLAGS = ("cl", "chunk", "subpixel", "autotune")
 
 
 def parse_mode(mode: str) -> tuple[str, set[str]]:
     base, *flags = mode.split("_")
     if base not in ("eager", "compiled") or not set(flags) <= set(MODE_FLAGS) or ("autotune" in flags and base != "compiled"):
-        sys.exit(f"bad --ours mode {mode!r}: eager|compiled followed by any of _cl, _chunk (and _autotune when compiled)")
+        sys.exit(f"bad --ours mode {mode!r}: eager|compiled + any of _cl, _chunk, _subpixel (_autotune when compiled)")
     return base, set(flags)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -175,7 +176,7 @@ def main() -> None:
         "--ours",
         default="eager,eager_cl,compiled_cl,compiled_cl_chunk",
         help="comma list of modes: eager|compiled + optional _cl (channels_last_3d), _chunk (whole-chunk tail), "
-        "_autotune (compiled, max-autotune-no-cudagraphs)",
+        "_subpixel (upsample convs folded to 2x2), _autotune (compiled, max-autotune-no-cudagraphs)",
     )
     ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (the first also compiles)")
@@ -223,6 +224,8 @@ def main() -> None:
             base, flags = parse_mode(mode)
             vae = ours_from(ref, cfg, dtype, channels_last="cl" in flags)
             vae.frame_tail = "chunk" not in flags
+            if "subpixel" in flags:
+                vae.apply_subpixel_upsample()
             if base == "compiled":
                 torch.compiler.reset()
                 compile_chunks(vae, "max-autotune-no-cudagraphs" if "autotune" in flags else None)
