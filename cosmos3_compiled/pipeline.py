@@ -55,6 +55,15 @@ def build_request(cfg: DictConfig):
         image = Path(str(cfg.image)).expanduser()
         if not image.is_file():
             raise RequestError(f"conditioning image {image} does not exist")
+        try:
+            from PIL import Image
+
+            with Image.open(image) as im:
+                im.verify()  # header only: cheap
+        except Exception as err:
+            raise RequestError(f"conditioning image {image} is not a readable image ({err})") from None
+        if f == 1:
+            raise RequestError("image conditioning needs num_frames > 1 (with num_frames=1 the reference ignores it)")
     return Request(
         prompt=str(cfg.prompt), negative_prompt=str(cfg.negative_prompt or ""), height=h, width=w, num_frames=f,
         fps=fps, seed=int(cfg.seed), num_inference_steps=steps, guidance_scale=float(cfg.sampler.guidance_scale),

@@ -18,6 +18,7 @@ def atomic_write(path: Path, write) -> Path:
     tmp = path.with_name(f".{path.name}.partial{path.suffix}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # safetensors creates files 0600; outputs are meant to be shared
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -108,12 +108,18 @@ def test_missing_conditioning_image(no_load, tmp_path):
     fails([f"image={missing}"], tmp_path / "out", f"conditioning image {missing} does not exist")
 
 
-@pytest.mark.xfail(strict=True, reason="build_request only checks the image file exists; a non-image file fails "
-                                       "after the model is loaded with a PIL traceback (see report)")
 def test_conditioning_image_not_an_image(no_load, tmp_path):
     bogus = tmp_path / "cond.png"
     bogus.write_text("not a png")
-    fails([f"image={bogus}"], tmp_path / "out", f"conditioning image {bogus}")
+    fails([f"image={bogus}"], tmp_path / "out", f"conditioning image {bogus} is not a readable image")
+
+
+def test_image_with_one_frame_is_rejected(no_load, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "cond.png"
+    Image.new("RGB", (8, 8)).save(img)
+    fails([f"image={img}", "num_frames=1"], tmp_path / "out", "image conditioning needs num_frames > 1")
 
 
 def test_unwritable_output_dir(no_load, tmp_path):
