@@ -191,7 +191,19 @@ def generate(cfg: DictConfig, out_dir: str | Path):
     if device.type == "cuda":
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     state.outputs["metrics"] = write_metrics(state, out_dir)
+    release(components, device)
     return state
+
+
+def release(components, device: torch.device) -> None:
+    """Drop the models and every compiled graph that references them (sweeps run jobs in one process)."""
+    import gc
+
+    components.transformer = components.vae = None
+    torch.compiler.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def describe(state) -> str:

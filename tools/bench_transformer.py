@@ -89,7 +89,8 @@ def main() -> None:
     ap.add_argument("--attn", default="cudnn", help="SDPA backend for ours: auto|cudnn|flash|efficient|math")
     ap.add_argument("--expand-kv", action="store_true", help="copy K/V out to all query heads before SDPA")
     ap.add_argument("--ours", default="eager,blocks,cudagraph",
-                    help="comma list of: eager, blocks, full, blocks_<compile mode>, cudagraph (blocks + one CUDA graph)")
+                    help="comma list of: eager, blocks, full, blocks_<compile mode>, cudagraph[:<compile mode>] "
+                         "(regional compile, then one CUDA graph of the whole step)")
     ap.add_argument("--kernel-sum", action="store_true",
                     help="also profile each 'ours' mode: sum of its GPU kernel times and launches per step")
     ap.add_argument("--diffusers", default="eager,regional", help="comma list of: eager, regional ('' to skip)")
@@ -190,11 +191,12 @@ def main() -> None:
         for mode in args.ours.split(","):
             compile_s = 0.0
             graph = None
-            if mode == "cudagraph":
+            if mode.startswith("cudagraph"):
                 torch._dynamo.reset()
                 for m in [model, *model.layers]:
                     m._compiled_call_impl = None
-                apply_compile(model, CompileSettings(mode="default", scope="blocks", fullgraph=True))
+                inner = mode.partition(":")[2] or "default"
+                apply_compile(model, CompileSettings(mode=inner, scope="blocks", fullgraph=True))
                 t0 = time.perf_counter()
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())

@@ -93,9 +93,9 @@ def ours_from(ref, cfg: dict, dtype: torch.dtype, channels_last: bool) -> WanVAE
 
 
 def compile_chunks(vae: WanVAE, mode: str | None) -> None:
-    """What cosmos3_compiled/compile.py is expected to do for the VAE: compile both chunk functions."""
-    vae.decoder_first_chunk = torch.compile(vae.decoder_first_chunk, fullgraph=True, mode=mode)
-    vae.decoder_chunk = torch.compile(vae.decoder_chunk, fullgraph=True, mode=mode)
+    """What cosmos3_compiled/compile.py is expected to do for the VAE: compile every chunk unit."""
+    for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail"):
+        setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, mode=mode))
 
 
 def decoder_flops(vae_cfg: dict, latent_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[float, float]:
