@@ -3,9 +3,11 @@
 # graph), then the launch-bound T2I 640×640 step with max-autotune kernels under our CUDA graph.
 set -u
 export PYTHONUNBUFFERED=1
-/usr/bin/time -v cosmos3-generate experiment=nano_t2v_720p output.progress=false hydra.run.dir="$OUT/e2e" \
-  2> "$OUT/e2e_time.txt" | tail -2
-grep -E "Elapsed|Maximum resident" "$OUT/e2e_time.txt"
+start=$(date +%s.%N)
+python3 -m cosmos3_compiled.cli experiment=nano_t2v_720p output.progress=false hydra.run.dir="$OUT/e2e" \
+  2> "$OUT/e2e_stderr.txt" | tail -2
+echo "process wall s: $(echo "$(date +%s.%N) - $start" | bc)"
+tail -3 "$OUT/e2e_stderr.txt"
 python3 -c "
 import json; m = json.load(open('$OUT/e2e/metrics.json'))
 print({k: round(v, 2) for k, v in m['seconds'].items()}, 'peak GiB', round(m.get('peak_memory_gib', 0), 2))
