@@ -170,12 +170,24 @@ class CausalConv3d(nn.Module):
         return F.conv3d(x, self.weight, self.bias)
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
-        """x: [B, Cin, t, H, W] → [B, Cout, t, H, W]; reads prev[len(nxt)], appends this layer's history to nxt."""
-        if prev is None:  # first chunk: the history is zeros
+        """x: [B, Cin, t, H, W] → [B, Cout, t, H, W]; this layer's history is prev[len(nxt)], appended to nxt.
+
+        First chunk (prev None): the history is zeros and a new one is allocated. Later chunks update
+        the given history in place, so a chunk never holds an old and a new copy of all histories.
+        """
+        if prev is None:
             xin = F.pad(x, (0, 0, 0, 0, _HISTORY, 0))
+            nxt.append(xin[:, :, -_HISTORY:].clone(memory_format=self.memory_format))
         else:
-            xin = torch.cat([prev[len(nxt)], x], dim=2)  # [B, Cin, 2 + t, H, W]
-        nxt.append(xin[:, :, -_HISTORY:].clone(memory_format=self.memory_format))
+            hist = prev[len(nxt)]
+            if torch.compiler.is_compiling():
+                # One pointwise producer that also needs x: a cat would let inductor copy every layer's
+                # history into its input buffer at the start of the graph, keeping all those buffers alive.
+                xin = F.pad(hist, (0, 0, 0, 0, 0, x.shape[2])) + F.pad(x, (0, 0, 0, 0, _HISTORY, 0))
+            else:
+                xin = torch.cat([hist, x], dim=2)  # [B, Cin, 2 + t, H, W]
+            hist.copy_(xin[:, :, -_HISTORY:])
+            nxt.append(hist)
         return F.conv3d(xin, self.weight, self.bias, self.stride, self.spatial_pad)
 
 
@@ -459,34 +471,28 @@ class Decoder(nn.Module):
         # Up blocks from here on run at the output frame rate (after the last temporal upsampling).
         temporal = [i for i in range(last) if cfg.temporal_upsample[i]]
         self.tail_start = temporal[-1] + 1 if temporal else 0
+        head = [self.conv_in, self.mid_block, *self.up_blocks[: self.tail_start]]
+        # Histories the head appends, in call order (every kernel-3 causal conv, temporal upsampling included).
+        self.head_histories = sum(
+            1 for part in head for m in part.modules() if isinstance(m, CausalConv3d) and m.weight.shape[2] == 3
+        )
 
-    def _tail(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
-        for block in self.up_blocks[self.tail_start :]:
-            x = block(x, prev, nxt, False)  # `first` only matters for temporal upsampling, all before the tail
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True), prev, nxt).clamp_(-1.0, 1.0)
-
-    def forward(
-        self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool, frame_tail: bool
-    ) -> Tensor:
-        """One latent frame → clamped patches [B, out_channels, 1 or 4, H, W] (histories via prev/nxt).
-
-        With `frame_tail`, the full-resolution tail (blocks after the last temporal upsampling, and the
-        head) runs one output frame at a time: the same causal arithmetic, a quarter of the working set.
-        """
+    def head(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
+        """Latent frame → features at the output frame rate, [B, C, 1 or 4, H/2ⁿ, W/2ⁿ]."""
         x = self.conv_in(x, prev, nxt)
         x = self.mid_block(x, prev, nxt)
         for block in self.up_blocks[: self.tail_start]:
             x = block(x, prev, nxt, first)
-        if not frame_tail or x.shape[2] == 1:
-            return self._tail(x, prev, nxt)
-        tail_prev = None if prev is None else prev[len(nxt) :]
-        frames = []
-        for j in range(x.shape[2]):
-            tail_nxt: list[Tensor] = []
-            frames.append(self._tail(x[:, :, j : j + 1], tail_prev, tail_nxt))
-            tail_prev = tail_nxt
-        nxt.extend(tail_prev)
-        return torch.cat(frames, dim=2)  # a few output-channel frames; the video itself is never concatenated
+        return x
+
+    def tail(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        """Features → clamped patches [B, out_channels, t, H, W]; causal per frame, so any t works."""
+        for block in self.up_blocks[self.tail_start :]:
+            x = block(x, prev, nxt, False)  # `first` only matters for temporal upsampling, all in the head
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), prev, nxt).clamp_(-1.0, 1.0)
+
+    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
+        return self.tail(self.head(x, prev, nxt, first), prev, nxt)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -495,14 +501,18 @@ class Decoder(nn.Module):
 class WanVAE(nn.Module):
     """Wan2.2 VAE with the checkpoint's module names (`encoder.*`, `quant_conv.*`, `post_quant_conv.*`, `decoder.*`).
 
-    Compilable units (pure functions of tensors; `cosmos3_compiled/compile.py` may replace the instance
-    attributes with `torch.compile(..., fullgraph=True)` versions — `decode_frames` calls them through `self`):
-      * `decoder_first_chunk(x)` — latent frame 0, [1, z, 1, h, w] → (patches [1, 12, 1, h·8, w·8], histories)
-      * `decoder_chunk(x, histories)` — every later latent frame → (patches [1, 12, 4, h·8, w·8], histories)
-    Patches are already clamped to [-1, 1]; histories is a list of tensors (one per causal conv).
-    Settings read inside them (set before compiling): `frame_tail` (default True: the full-resolution
-    tail runs one output frame at a time, cutting the working set), the layout chosen by
-    `apply_channels_last_3d()`, and `apply_subpixel_upsample()` (off by default: not bit-faithful).
+    Compilable units (`cosmos3_compiled/compile.py` may replace these instance attributes with
+    `torch.compile(..., fullgraph=True)` versions; `decode_frames` calls them through `self`). Each takes
+    one input and the list of causal histories, returns (output, histories), and updates the given
+    histories in place (only the first chunk allocates them):
+      * `decoder_first_chunk(x)` — latent frame 0 → 1 frame of patches (runs once; eager is fine)
+      * `decoder_chunk(x, hist)` — a later latent frame → 4 frames of patches (when `frame_tail` is off)
+      * `decoder_head(x, hist[:k])` then 4 × `decoder_tail(frame, hist[k:])` — the same, split so the
+        full-resolution tail sees one output frame per call (`frame_tail`, the default; k =
+        `decoder.head_histories`). Separate calls keep the compiler from interleaving the four frames.
+    Patches are [B, 12, t, H/2, W/2], already clamped to [-1, 1]. Settings read inside the units (set
+    before compiling): `frame_tail`, the layout from `apply_channels_last_3d()`, and
+    `apply_subpixel_upsample()` (off by default: not bit-faithful).
     """
 
     def __init__(self, cfg: VAEConfig, with_encoder: bool = True) -> None:
@@ -561,12 +571,26 @@ class WanVAE(nn.Module):
     # ---- decode
 
     def decoder_first_chunk(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Latent frame 0 [B, z, 1, h, w] → (patches [B, 12, 1, ·, ·], new histories)."""
         nxt: list[Tensor] = []
-        return self.decoder(x, None, nxt, first=True, frame_tail=self.frame_tail), nxt
+        return self.decoder(x, None, nxt, first=True), nxt
 
-    def decoder_chunk(self, x: Tensor, prev: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def decoder_chunk(self, x: Tensor, hist: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Later latent frame → (patches [B, 12, 4, ·, ·], hist updated in place)."""
         nxt: list[Tensor] = []
-        return self.decoder(x, prev, nxt, first=False, frame_tail=self.frame_tail), nxt
+        return self.decoder(x, hist, nxt, first=False), nxt
+
+    def decoder_head(self, x: Tensor, hist: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Later latent frame → (features [B, C, 4, ·, ·] for `decoder_tail`); hist = the first
+        `decoder.head_histories` histories, updated in place."""
+        nxt: list[Tensor] = []
+        return self.decoder.head(x, hist, nxt, first=False), nxt
+
+    def decoder_tail(self, x: Tensor, hist: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One frame of head features [B, C, 1, ·, ·] → (patches [B, 12, 1, ·, ·]); hist = the remaining
+        histories, updated in place."""
+        nxt: list[Tensor] = []
+        return self.decoder.tail(x, hist, nxt), nxt
 
     def output_shape(self, z_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
         """[B, 3, F, H, W] of the video that decodes from a latent of `z_shape`."""
@@ -610,14 +634,30 @@ class WanVAE(nn.Module):
         p = self.cfg.patch_size
         hist: list[Tensor] = []
         f0 = 0
-        for i in progress(range(t), desc=progress_desc, total=t):
-            xi = x[:, :, i : i + 1]
-            y, hist = self.decoder_first_chunk(xi) if i == 0 else self.decoder_chunk(xi, hist)
+
+        def emit(y: Tensor) -> None:
+            nonlocal f0
             n, hp, wp = y.shape[2:]
             # Unpatchify into place: patch channel c·p² + col·p + row → pixel (h·p + row, w·p + col).
             dst = out[:, :, f0 : f0 + n].view(b, 3, n, hp, p, wp, p)
             dst.copy_(y.view(b, 3, p, p, n, hp, wp).permute(0, 1, 4, 5, 3, 6, 2))
             f0 += n
+
+        for i in progress(range(t), desc=progress_desc, total=t):
+            xi = x[:, :, i : i + 1]
+            if i == 0:
+                y, hist = self.decoder_first_chunk(xi)
+                emit(y)
+            elif not self.frame_tail:
+                y, hist = self.decoder_chunk(xi, hist)
+                emit(y)
+            else:
+                k = self.decoder.head_histories
+                feats, _ = self.decoder_head(xi, hist[:k])
+                for j in range(feats.shape[2]):
+                    y, _ = self.decoder_tail(feats[:, :, j : j + 1], hist[k:])
+                    emit(y)
+                del feats
         return out
 
     # ---- encode

@@ -276,17 +276,21 @@ def test_sharded_checkpoint_loads(ref, tmp_path):
 # -------------------------------------------------------------------------------------------- compile
 
 
+UNITS = ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail")
+
+
 def _compiled_decode(vae, latent, backend):
-    eager_first, eager_chunk = vae.decoder_first_chunk, vae.decoder_chunk
+    eager = {name: getattr(vae, name) for name in UNITS}
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
-            vae.decoder_first_chunk = torch.compile(eager_first, fullgraph=True, backend=backend)
-            vae.decoder_chunk = torch.compile(eager_chunk, fullgraph=True, backend=backend)
-            vae.decode_frames(latent)  # warm-up: compiles both, chunks 2-3 reuse the steady graph
+            for name, fn in eager.items():
+                setattr(vae, name, torch.compile(fn, fullgraph=True, backend=backend))
+            vae.decode_frames(latent)  # warm-up compiles; later chunks (and tail frames) reuse the graphs
             with torch.compiler.set_stance("fail_on_recompile"):
                 return vae.decode_frames(latent)
     finally:
-        vae.decoder_first_chunk, vae.decoder_chunk = eager_first, eager_chunk
+        for name in UNITS:
+            delattr(vae, name)  # back to the class methods
 
 
 @pytest.mark.parametrize("channels_last,frame_tail,subpixel", [(False, True, False), (True, False, True)])
@@ -300,7 +304,9 @@ def test_chunk_body_traces_fullgraph_without_recompiles(folder, channels_last, f
 
 
 @pytest.mark.slow
-def test_chunk_body_inductor_matches_eager(ours):
+@pytest.mark.parametrize("frame_tail", [True, False])
+def test_chunk_body_inductor_matches_eager(ours, frame_tail, monkeypatch):
+    monkeypatch.setattr(ours, "frame_tail", frame_tail)
     latent = _latent(4, 2, 3, seed=13)
     got = _compiled_decode(ours, latent, "inductor")
     assert (got - ours.decode_frames(latent)).abs().max().item() <= 1e-5
