@@ -16,9 +16,9 @@ latent frame gives `scale_factor_temporal` frames (4 for Wan2.2), so F = 1 + 4 (
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "vae/config.json") -> "VAEConfig":
-        def fail(msg: str) -> None:
+        def fail(msg: str) -> NoReturn:
             raise CheckpointError(f"{where}: {msg}")
 
         name = raw.get("_class_name", "AutoencoderKLWan")
@@ -91,7 +91,7 @@ class VAEConfig:
         ):
             fail(f"dim_mult must be a list of >= 2 positive integers, got {dim_mult!r}")
         tdown = raw.get("temperal_downsample", [False, True, True])
-        if not isinstance(tdown, list) or len(tdown) != len(dim_mult) - 1 or not all(isinstance(b, bool) for b in tdown):
+        if not (isinstance(tdown, list) and len(tdown) == len(dim_mult) - 1 and all(isinstance(b, bool) for b in tdown)):
             fail(f"temperal_downsample must be {len(dim_mult) - 1} booleans (one per down stage), got {tdown!r}")
         if raw.get("attn_scales", []) not in ([], None):
             fail(f"attn_scales={raw['attn_scales']!r}: attention outside the middle block is not supported")
@@ -102,8 +102,9 @@ class VAEConfig:
         stats = {}
         for key in ("latents_mean", "latents_std"):
             v = raw.get(key)
-            if not isinstance(v, list) or len(v) != z_dim or not all(isinstance(s, (int, float)) for s in v):
-                fail(f"{key} must be a list of {z_dim} numbers (z_dim), got {type(v).__name__} of {len(v) if isinstance(v, list) else '?'}")
+            if not (isinstance(v, list) and len(v) == z_dim and all(isinstance(s, (int, float)) for s in v)):
+                got = f"a list of {len(v)}" if isinstance(v, list) else repr(v)
+                fail(f"{key} must be a list of z_dim={z_dim} numbers, got {got}")
             stats[key] = tuple(float(s) for s in v)
         if not all(s > 0 for s in stats["latents_std"]):
             fail("latents_std must be positive everywhere")
@@ -543,6 +544,8 @@ class WanVAE(nn.Module):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
             elif isinstance(m, nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+            elif isinstance(m, Upsample) and m.subpixel_weight is not None:
+                m.subpixel_weight = m.subpixel_weight.contiguous(memory_format=torch.channels_last)
         return self
 
     def apply_subpixel_upsample(self) -> "WanVAE":
@@ -556,7 +559,7 @@ class WanVAE(nn.Module):
             if isinstance(m, Upsample):
                 conv = m.resample.conv
                 w, b = _subpixel_weights(conv.weight, conv.bias)
-                if conv.weight.is_contiguous(memory_format=torch.channels_last) and self.memory_format != torch.contiguous_format:
+                if self.memory_format == torch.channels_last_3d:
                     w = w.contiguous(memory_format=torch.channels_last)
                 m.subpixel_weight, m.subpixel_bias = w, b
         return self
@@ -604,7 +607,9 @@ class WanVAE(nn.Module):
         if z.ndim != 5:
             raise ValueError(f"latent must be [B, {self.cfg.z_dim}, T, h, w]; got rank {z.ndim} shape {tuple(z.shape)}")
         if z.shape[1] != self.cfg.z_dim:
-            raise ValueError(f"latent has {z.shape[1]} channels but the VAE's z_dim is {self.cfg.z_dim}; shape {tuple(z.shape)}")
+            raise ValueError(
+                f"latent has {z.shape[1]} channels but the VAE's z_dim is {self.cfg.z_dim}; shape {tuple(z.shape)}"
+            )
         if min(z.shape) < 1:
             raise ValueError(f"latent has an empty axis (B, T, h and w must be >= 1); shape {tuple(z.shape)}")
         if not z.is_floating_point():
@@ -733,7 +738,3 @@ def load_vae(
     if subpixel_upsample:
         model.apply_subpixel_upsample()
     return model
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())
