@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint_io import CheckpointError, read_json
 from .compile import (
-    MODES, CompileSettings, apply_compile, apply_compile_vae, compile_counters, setup_compile_cache,
+    MODES, CompileSettings, apply_compile, apply_compile_text, apply_compile_vae, compile_counters, setup_compile_cache,
 )
 from .components import DTYPES, build_embedded, check_checkpoint_folder, load_checkpoint
 from .config import ConfigError, preset
@@ -163,6 +163,7 @@ def generate(cfg: DictConfig, out_dir: str | Path):
     )
     apply_compile(transformer, settings)
     apply_compile_vae(vae, cfg.compile.vae)
+    apply_compile_text(transformer, cfg.compile.text_pass)
     stages = [
         ("tokenize", Tokenize(components)),
         ("text_pass", TextPass(components, offload_text_tower=cfg.compile.offload_text_tower)),

@@ -63,6 +63,7 @@ class CompileConfig:
     warmup_steps: int = 1
     inductor: dict[str, Any] = field(default_factory=dict)
     vae: str = "eager"
+    text_pass: str = "eager"
     cache_dir: Optional[str] = None
     offload_text_tower: bool = False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -11,6 +12,8 @@ from cosmos3_compiled.progress import progress
 from cosmos3_compiled.scheduler import unipc_step_
 
 from .state import Components, State
+
+log = logging.getLogger(__name__)
 
 
 class DenoiseStep:
@@ -47,6 +50,11 @@ class Denoise:
     @torch.no_grad()
     def __call__(self, state: State) -> State:
         step = DenoiseStep(self.model, self.scheduler, state.branches, state.latents, state.request.guidance_scale)
+        bucket = {"latent": list(state.request.latent_shape), "text": [b.text_len for b in state.branches]}
+        state.metrics["shape_bucket"] = bucket
+        if self.mode != "eager":
+            log.info("compile=%s: first step compiles shape bucket %s (one graph per branch text length)",
+                     self.mode, bucket)
         s = self.scheduler
         run = make_step_runner(self.mode, step, [state.latents, s.history, s.last_sample], self.warmup)
         timesteps = state.timesteps.to(torch.float32)
