@@ -7,8 +7,9 @@ input from the previous chunk ("history"). Histories start as zeros, and after e
 the last two frames of `cat([history, input])`; this reproduces the reference's feature cache (whose
 first-chunk `None` / "Rep" markers stand for exactly those zero frames) without any marker state.
 Histories travel as a list of tensors in call order: a chunk function reads `prev[i]` for its i-th
-causal conv and appends the new history to `nxt`, so the chunk body is a pure function of
-(latent frame, histories) and traces with `torch.compile(fullgraph=True)`.
+causal conv and appends it to `nxt`. The first chunk allocates them; later chunks update them in
+place, so a compiled chunk never holds two copies. No Python branch depends on tensor values, so each
+chunk function traces with `torch.compile(fullgraph=True)`.
 
 Decode: latent frame 0 is the "first chunk" (no temporal upsampling, 1 output frame); every later
 latent frame gives `scale_factor_temporal` frames (4 for Wan2.2), so F = 1 + 4 (T - 1).

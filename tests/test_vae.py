@@ -310,3 +310,20 @@ def test_chunk_body_inductor_matches_eager(ours, frame_tail, monkeypatch):
     latent = _latent(4, 2, 3, seed=13)
     got = _compiled_decode(ours, latent, "inductor")
     assert (got - ours.decode_frames(latent)).abs().max().item() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_decode_and_compiled_units_match_diffusers(folder, channels_last):
+    ref = diffusers.AutoencoderKLWan.from_pretrained(folder / "vae").eval().cuda()
+    vae = load_vae(folder, device="cuda", channels_last_3d=channels_last, with_encoder=False)
+    latent = _latent(3, 3, 5, seed=21).cuda()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact fp32 convs on both sides
+        expected = _reference_decode(ref, latent)
+        eager = vae.decode_frames(latent)
+        assert (eager - expected).abs().max().item() <= 1e-4
+        compiled = _compiled_decode(vae, latent, "inductor")
+    assert (compiled - eager).abs().max().item() <= 1e-4
