@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument(
         "--ours",
-        default="eager,eager_cl,compiled_cl,compiled_cl_chunk",
+        default="eager,eager_cl,compiled_cl,compiled_cl_subpixel",
         help="comma list of modes: eager|compiled + optional _cl (channels_last_3d), _chunk (whole-chunk tail), "
         "_subpixel (upsample convs folded to 2x2), _autotune (compiled, max-autotune-no-cudagraphs)",
     )
@@ -219,7 +219,7 @@ def main() -> None:
             results["diffusers"], videos["diffusers"] = measure(
                 lambda: ref.decode(z.to(dtype) / inv_std + mean).sample, device, args.warmup, args.iters
             )
-            print(f"diffusers: {results['diffusers']['median_s']:.3f} s", flush=True)
+            print(f"diffusers: {json.dumps(results['diffusers'])}", flush=True)
         for mode in modes:
             base, flags = parse_mode(mode)
             vae = ours_from(ref, cfg, dtype, channels_last="cl" in flags)
@@ -237,7 +237,7 @@ def main() -> None:
             if mode == "eager":
                 videos["eager"] = video
             del vae, video
-            print(f"{mode}: {results[mode]['median_s']:.3f} s", flush=True)
+            print(f"{mode}: {json.dumps(results[mode])}", flush=True)  # partial results survive a timeout
     if "diffusers" in videos and "eager" in videos:
         results["diffusers"]["vs_ours_eager"] = compare(videos["diffusers"], videos["eager"])
 
