@@ -119,32 +119,22 @@ class TransformerConfig:
         return d
 
 
+_DEBUG = TransformerConfig(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    rope_axes_dim=(4, 2, 2),
+    vocab_size=1024,
+)
+
 PRESETS: dict[str, TransformerConfig] = {
-    # Tiny: the embedded default model and the tests. vocab covers the built-in tokenizer.
-    "debug": TransformerConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        rope_axes_dim=(4, 2, 2),
-        vocab_size=1024,
-    ),
+    # Tiny: the embedded default model and the tests. vocab covers the built-in tokenizer (1014 ids).
+    "debug": _DEBUG,
     # Tiny Edge-style variant (ungated relu² MLP, no text q/k norm, extra k-norm for the video tower).
-    "debug_edge": TransformerConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        rope_axes_dim=(4, 2, 2),
-        vocab_size=1024,
-        hidden_act="relu2",
-        qk_norm_for_text=False,
-        use_und_k_norm_for_gen=True,
-    ),
+    "debug_edge": dataclasses.replace(_DEBUG, hidden_act="relu2", qk_norm_for_text=False, use_und_k_norm_for_gen=True),
     # The reference's defaults: Cosmos3 Nano.
     "nano": TransformerConfig(),
 }
