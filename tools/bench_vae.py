@@ -156,6 +156,50 @@ def measure(fn, device: torch.device, warmup: int, iters: int) -> dict:
     return {"first_call_s": first_s, "times_s": times, "median_s": statistics.median(times), "peak_extra_gib": peak}, video
 
 
+def memory_trace(fn, top: int = 12) -> dict:
+    """Replay the CUDA allocator's event history over one call: the allocations live at its peak,
+    grouped by the innermost Python frame in our code, diffusers or inductor output (cuDNN workspaces
+    show up as allocations made by the conv call itself)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.memory._record_memory_history(enabled="all", stacks="python", max_entries=2_000_000)
+    try:
+        video = fn()
+        torch.cuda.synchronize()
+        del video
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = snap["device_traces"][torch.cuda.current_device()]
+    live: dict[int, dict] = {}
+    cur = peak = 0
+    at_peak: dict[int, dict] = {}
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            cur += e["size"]
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            cur -= live.pop(e["addr"])["size"]
+
+    def where(e: dict) -> str:
+        frames = e.get("frames") or []
+        keep = [f for f in frames if any(k in f["filename"] for k in ("cosmos3_compiled", "diffusers", "torchinductor"))]
+        f = (keep or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+
+    groups: dict[str, list[int]] = {}
+    for e in at_peak.values():
+        groups.setdefault(where(e), []).append(e["size"])
+    rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "peak_gib": peak / 2**30,
+        "events": len(events),
+        "top": [{"where": k, "gib": sum(v) / 2**30, "count": len(v), "largest_gib": max(v) / 2**30} for k, v in rows],
+    }
+
+
 def compare(x: torch.Tensor, ref: torch.Tensor) -> dict:
     """PSNR over the [-1, 1] range (peak-to-peak 2) and max |x - ref|, computed frame by frame in fp32."""
     se, n, mx = 0.0, 0, 0.0
@@ -183,6 +227,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="timed calls; the median is reported")
     ap.add_argument("--cudnn-benchmark", type=int, default=1, help="torch.backends.cudnn.benchmark for every mode (1/0)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--memory-trace",
+        default="",
+        help="comma list of modes (or 'diffusers') to trace once more with the CUDA allocator history: "
+        "prints what is live at the peak",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny widths and latent on the CPU, fp32: checks the script")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for JSON + markdown")
     args = ap.parse_args()
@@ -202,6 +252,9 @@ def main() -> None:
     modes = [m for m in args.ours.split(",") if m]
     for m in modes:
         parse_mode(m)
+    traced = {m for m in args.memory_trace.split(",") if m}
+    if args.smoke:
+        traced = set()  # the allocator history is CUDA-only
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # fixed shapes: let cuDNN pick its fastest algorithms
     set_progress_enabled(False)
 
@@ -219,6 +272,8 @@ def main() -> None:
             results["diffusers"], videos["diffusers"] = measure(
                 lambda: ref.decode(z.to(dtype) / inv_std + mean).sample, device, args.warmup, args.iters
             )
+            if "diffusers" in traced:
+                results["diffusers"]["memory_trace"] = memory_trace(lambda: ref.decode(z.to(dtype) / inv_std + mean).sample)
             print(f"diffusers: {json.dumps(results['diffusers'])}", flush=True)
         for mode in modes:
             base, flags = parse_mode(mode)
@@ -236,7 +291,10 @@ def main() -> None:
                 results[mode]["vs_ours_eager"] = compare(video, videos["eager"])
             if mode == "eager":
                 videos["eager"] = video
-            del vae, video
+            del video
+            if mode in traced:
+                results[mode]["memory_trace"] = memory_trace(lambda: vae.decode_frames(z))
+            del vae
             print(f"{mode}: {json.dumps(results[mode])}", flush=True)  # partial results survive a timeout
     if "diffusers" in videos and "eager" in videos:
         results["diffusers"]["vs_ours_eager"] = compare(videos["diffusers"], videos["eager"])
@@ -263,6 +321,12 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_vae.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
     table = markdown(env, results)
+    for name, r in results.items():
+        if "memory_trace" in r:
+            t = r["memory_trace"]
+            lines = [f"{name}: allocator peak {t['peak_gib']:.2f} GiB over the call; live at the peak:"]
+            lines += [f"  {x['gib']:6.2f} GiB  {x['count']:4d} x (largest {x['largest_gib']:.2f})  {x['where']}" for x in t["top"]]
+            table = "\n".join(lines) + "\n\n" + table
     slug = "".join(ch if ch.isalnum() else "_" for ch in card.lower()).strip("_") or "cpu"
     (out_dir / f"vae_{slug}_{time.strftime('%Y%m%d')}.md").write_text(table + "\n")
     print(table)
