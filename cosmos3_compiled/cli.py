@@ -15,8 +15,17 @@ register_configs()
 log = logging.getLogger("cosmos3_compiled")
 
 
+def main() -> None:
+    """Console script. Under torchrun every rank runs the Hydra app; they first agree on rank 0's run
+    directory (see `distributed.agree_run_dir`), so all ranks share one output folder."""
+    from .distributed import agree_run_dir
+
+    sys.argv = [sys.argv[0], *agree_run_dir(sys.argv[1:])]
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
-def main(cfg: DictConfig) -> str | None:
+def hydra_main(cfg: DictConfig) -> str | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -34,7 +43,8 @@ def main(cfg: DictConfig) -> str | None:
         raise SystemExit(2) from None
     for name, path in state.outputs.items():
         log.info("%s: %s", name, path)
-    print(f"sha256 {state.sha256}")
+    if state.sha256 is not None:  # global rank 0 only under torchrun
+        print(f"sha256 {state.sha256}")
     return state.sha256
 
 

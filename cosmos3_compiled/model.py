@@ -129,7 +129,9 @@ def attention(
     Head-major operands are what cuDNN runs fastest; expand_kv copies K/V out to Hq heads first (plain MHA).
     """
     groups = q.shape[0] // k.shape[0]
-    qh, kh, vh = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, H, S, D]
+    # .contiguous(): under inductor the RoPE output's layout is inductor's choice; asking for head-major
+    # here makes it write q straight in the layout cuDNN reads fastest (a no-op in eager).
+    qh, kh, vh = q.contiguous().unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, H, S, D]
     if expand_kv and groups > 1:
         kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)  # [1, Hq, M, D]
     gqa = kh.shape[1] != qh.shape[1]
@@ -165,6 +167,7 @@ class Cosmos3Layer(nn.Module):
         self.post_attention_layernorm_moe_gen = RMSNorm(d, eps, style)
         self.attn_backend = "auto"
         self.expand_kv = False
+        self.sequence_parallel = None  # distributed.Ulysses under sequence parallelism (apply_sequence_parallel)
 
     def setup_buffers(self) -> None:
         """Static per-head q|k norm weight for the video tower (rebuilt whenever weights change)."""
@@ -198,21 +201,45 @@ class Cosmos3Layer(nn.Module):
         self, h: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """Video tower on h [N, d]. k_buf / v_buf [Hkv, L + N, D] already hold the text keys/values in
-        positions [:L]; this step's keys (after norm and RoPE) and values are written straight into [L:]."""
+        positions [:L]; this step's keys (after norm and RoPE) and values are written straight into [L:].
+
+        Under sequence parallelism h holds this rank's N/deg tokens and k_buf / v_buf this rank's Hkv/deg
+        heads for all L + N positions: see `_sequence_parallel_attention`."""
         a, cfg = self.self_attn, self.cfg
         N = h.shape[0]
-        L = k_buf.shape[1] - N
         qk_heads = a.hq + a.hkv
         x = self.input_layernorm_moe_gen(h)
         qkv = a.gen_qkv(x)  # [N, (Hq + 2·Hkv)·D]
         qk = qkv[:, : qk_heads * a.hd].view(N, qk_heads, a.hd)
         qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [N, Hq+Hkv, D]
-        q = ops.apply_rope(qk[:, : a.hq], cos, sin, out=head_major(N, a.hq, a.hd, qk))  # [N, Hq, D] view
-        ops.apply_rope(qk[:, a.hq :], cos, sin, out=k_buf[:, L:].transpose(0, 1))
-        v_buf[:, L:] = qkv[:, qk_heads * a.hd :].view(N, a.hkv, a.hd).transpose(0, 1)
-        out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv)  # [N, Hq·D]
+        if self.sequence_parallel is None:
+            L = k_buf.shape[1] - N
+            q = ops.apply_rope(qk[:, : a.hq], cos, sin, out=head_major(N, a.hq, a.hd, qk))  # [N, Hq, D] view
+            ops.apply_rope(qk[:, a.hq :], cos, sin, out=k_buf[:, L:].transpose(0, 1))
+            v_buf[:, L:] = qkv[:, qk_heads * a.hd :].view(N, a.hkv, a.hd).transpose(0, 1)
+            out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv)  # [N, Hq·D]
+        else:
+            out = self._sequence_parallel_attention(qk, qkv[:, qk_heads * a.hd :], k_buf, v_buf, cos, sin)
         h = h + a.to_add_out(out)
         return h + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h))
+
+    def _sequence_parallel_attention(
+        self, qk: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Ulysses: qk [n, Hq+Hkv, D] (normed) and v [n, Hkv·D] of this rank's n = N/deg tokens → attention
+        output [n, Hq·D]. An all-to-all trades token shards for head shards (all N tokens, Hq/deg and
+        Hkv/deg heads), attention runs over the full sequence, and the inverse all-to-all trades back."""
+        a, sp = self.self_attn, self.sequence_parallel
+        n = qk.shape[0]
+        q = ops.apply_rope(qk[:, : a.hq], cos, sin)  # [n, Hq, D]
+        k = ops.apply_rope(qk[:, a.hq :], cos, sin)  # [n, Hkv, D]
+        q, k, v = sp.scatter_heads(q, k, v.view(n, a.hkv, a.hd))  # [N, Hq/deg, D], [N, Hkv/deg, D] ×2
+        L = k_buf.shape[1] - k.shape[0]
+        k_buf[:, L:] = k.transpose(0, 1)
+        v_buf[:, L:] = v.transpose(0, 1)
+        out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv)  # [N, Hq/deg·D]
+        return sp.gather_heads(out)  # [n, Hq·D]
 
 
 class TimestepEmbedder(nn.Module):
@@ -261,6 +288,7 @@ class Cosmos3Transformer(nn.Module):
         self.proj_in = nn.Linear(cfg.patch_latent_dim, cfg.hidden_size)
         self.proj_out = nn.Linear(cfg.hidden_size, cfg.patch_latent_dim)
         self.time_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.sequence_parallel = None  # distributed.Ulysses under sequence parallelism (apply_sequence_parallel)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -302,11 +330,17 @@ class Cosmos3Transformer(nn.Module):
         self, text_len: int, latent_shape: tuple[int, int, int], fps: float, clean_frames: tuple[int, ...] = (),
         temporal_compression: int = 4,
     ) -> Branch:
-        """Allocate one CFG branch's static buffers and RoPE tables for a text length and latent size."""
-        cfg, dev, dt = self.cfg, self.device, self.dtype
+        """Allocate one CFG branch's static buffers and RoPE tables for a text length and latent size.
+
+        Under sequence parallelism the buffers hold this rank's kv heads and the tables its tokens."""
+        cfg, dev, dt, sp = self.cfg, self.device, self.dtype, self.sequence_parallel
         grid = self.patch_grid(latent_shape)
         n = grid[0] * grid[1] * grid[2]
-        shape = (cfg.num_key_value_heads, text_len + n, cfg.head_dim)
+        heads = cfg.num_key_value_heads
+        if sp is not None:
+            sp.check_tokens(n)
+            heads //= sp.degree
+        shape = (heads, text_len + n, cfg.head_dim)
         k_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
         v_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
         pos = ops.video_positions(
@@ -316,6 +350,8 @@ class Cosmos3Transformer(nn.Module):
         if not cfg.unified_3d_mrope_reset_spatial_ids:
             pos[1:] += text_len + cfg.unified_3d_mrope_temporal_modality_margin
         cos, sin = ops.mrope_tables(pos.to(dev), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, dt)
+        if sp is not None:
+            cos, sin = sp.shard_tokens(cos).contiguous(), sp.shard_tokens(sin).contiguous()  # [N/deg, D/2]
         noisy = torch.ones(grid[0], 1, 1, device=dev, dtype=torch.float32)
         for f in clean_frames:
             noisy[f] = 0.0
@@ -365,13 +401,22 @@ class Cosmos3Transformer(nn.Module):
         emb = self.embed_tokens.weight
         h = F.embedding(input_ids.to(emb.device), emb).to(dev)  # [L, d]
         last = len(self.layers) - 1
+        sp = self.sequence_parallel
         for i, layer in enumerate(self.layers):
-            k_out, v_out = branch.k_bufs[i][:, :L].transpose(0, 1), branch.v_bufs[i][:, :L].transpose(0, 1)
+            if sp is None:
+                k_out, v_out = branch.k_bufs[i][:, :L].transpose(0, 1), branch.v_bufs[i][:, :L].transpose(0, 1)
+            else:  # every rank runs the whole text tower, then keeps its own kv heads
+                full = (cfg.num_key_value_heads, L, cfg.head_dim)
+                k_out = torch.empty(full, device=dev, dtype=self.dtype).transpose(0, 1)  # [L, Hkv, D]
+                v_out = torch.empty(full, device=dev, dtype=self.dtype).transpose(0, 1)
             streamed = self._text_params(f"layers.{i}.") if self.text_offloaded else []
             host = [p.data for p in streamed]
             for p in streamed:
                 p.data = p.data.to(dev, non_blocking=True)
             h = layer.text_forward(h, cos, sin, k_out, v_out, last=i == last)
+            if sp is not None:
+                branch.k_bufs[i][:, :L] = sp.shard_heads(k_out, dim=1).transpose(0, 1)
+                branch.v_bufs[i][:, :L] = sp.shard_heads(v_out, dim=1).transpose(0, 1)
             for p, data in zip(streamed, host):
                 p.data = data
 
@@ -393,8 +438,11 @@ class Cosmos3Transformer(nn.Module):
 
     def unembed_video(self, hid: torch.Tensor, latent_shape: torch.Size, grid, noisy: torch.Tensor) -> torch.Tensor:
         """Final norm, proj_out, unpatchify, crop the padding, zero the clean frames; fp32 [1, C, T, h, w]."""
+        return self.unpatchify(self.proj_out(self.norm_moe_gen(hid)), latent_shape, grid, noisy)
+
+    def unpatchify(self, out: torch.Tensor, latent_shape: torch.Size, grid, noisy: torch.Tensor) -> torch.Tensor:
+        """[N, p·p·C] → fp32 [1, C, T, h, w], padding cropped, clean frames zeroed."""
         p = self.cfg.latent_patch_size
-        out = self.proj_out(self.norm_moe_gen(hid))  # [N, p·p·C]
         t, gh, gw = grid
         v = rearrange(out, "(t h w) (p q c) -> c t (h p) (w q)", t=t, h=gh, w=gw, p=p, q=p)
         v = v[:, :, : latent_shape[-2], : latent_shape[-1]].float() * noisy
@@ -402,9 +450,15 @@ class Cosmos3Transformer(nn.Module):
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch) -> torch.Tensor:
         """The video step: latents [1, C, T, h, w], timestep 0-dim → velocity [1, C, T, h, w] fp32."""
-        h = self.embed_video(latents, timestep, branch.noisy)
+        sp = self.sequence_parallel
+        h = self.embed_video(latents, timestep, branch.noisy)  # [N, d]
+        if sp is not None:
+            h = sp.shard_tokens(h)  # [N/deg, d]: this rank's tokens
         for layer, k_buf, v_buf in zip(self.layers, branch.k_bufs, branch.v_bufs):
             h = layer(h, k_buf, v_buf, branch.cos, branch.sin)
-        return self.unembed_video(h, latents.shape, branch.grid, branch.noisy)
+        if sp is None:
+            return self.unembed_video(h, latents.shape, branch.grid, branch.noisy)
+        out = sp.gather_tokens(self.proj_out(self.norm_moe_gen(h)))  # [N, p·p·C] on every rank
+        return self.unpatchify(out, latents.shape, branch.grid, branch.noisy)
 
     video_step = forward

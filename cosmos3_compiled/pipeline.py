@@ -20,6 +20,7 @@ from .compile import (
 )
 from .components import DTYPES, build_embedded, check_checkpoint_folder, load_checkpoint
 from .config import ConfigError, preset
+from .distributed import ParallelError, apply_sequence_parallel, init_parallel, teardown
 from .progress import set_progress_enabled
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, SchedulerConfigError
 
@@ -28,7 +29,7 @@ class RequestError(ValueError):
     """A request that cannot run; raised before any model is loaded."""
 
 
-USER_ERRORS = (RequestError, CheckpointError, ConfigError, SchedulerConfigError)
+USER_ERRORS = (RequestError, CheckpointError, ConfigError, SchedulerConfigError, ParallelError)
 
 
 def _value(x):
@@ -116,7 +117,27 @@ def _sync(device: torch.device) -> None:
 
 
 def generate(cfg: DictConfig, out_dir: str | Path):
-    """Run one request end to end; every input check happens before any weights are read."""
+    """Run one request end to end; every input check happens before any weights are read.
+
+    Under torchrun (`parallel=cfg|ulysses|cfg_ulysses`) every rank calls this with the same config and
+    out_dir: torch.distributed is started here and torn down at the end; only global rank 0 decodes and
+    writes outputs (the other ranks return a state without frames or outputs).
+    """
+    t_start = time.perf_counter()
+    request = build_request(cfg)
+    device, dtype, vae_dtype = check_settings(cfg)
+    par = init_parallel(cfg.parallel, device.type)
+    try:
+        state = _generate(cfg, Path(out_dir), request, par.device if par else device, dtype, vae_dtype, par,
+                          t_start)
+    except BaseException:
+        teardown(par, barrier=False)  # another rank may be stuck in a collective: don't wait for it
+        raise
+    teardown(par)
+    return state
+
+
+def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_start: float):
     from stages.decode import Decode
     from stages.denoise import Denoise
     from stages.latents import Latents
@@ -127,11 +148,9 @@ def generate(cfg: DictConfig, out_dir: str | Path):
     from stages.timesteps import Timesteps
     from stages.tokenize import Tokenize
 
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    request = build_request(cfg)
-    device, dtype, vae_dtype = check_settings(cfg)
-    check_output_dir(out_dir)
+    writer = par is None or par.is_writer
+    if writer:
+        check_output_dir(out_dir)
     if cfg.checkpoint is not None:
         check_checkpoint_folder(str(cfg.checkpoint)).check_vae(48)
     sched_raw = scheduler_config(cfg)
@@ -152,9 +171,12 @@ def generate(cfg: DictConfig, out_dir: str | Path):
         source = str(Path(str(cfg.checkpoint)).resolve())
     scheduler = FlowUniPCScheduler.from_config(sched_raw)
     transformer.set_attention_backend(cfg.model.attention_backend, expand_kv=cfg.model.expand_kv)
+    if par is not None:
+        apply_sequence_parallel(transformer, par.ulysses)
+        metrics["parallel"] = par.describe()
     _sync(device)
     metrics["seconds"]["load"] = time.perf_counter() - t0
-    components = Components(transformer, vae, scheduler, tokenizer, device, dtype, source)
+    components = Components(transformer, vae, scheduler, tokenizer, device, dtype, source, parallel=par)
 
     cache = setup_compile_cache(cfg.compile.cache_dir)
     settings = CompileSettings(
@@ -175,6 +197,8 @@ def generate(cfg: DictConfig, out_dir: str | Path):
         ("save", Save(components, out_dir, frames=_value(cfg.output.frames), video=cfg.output.video,
                       crf=cfg.output.crf)),
     ]
+    if not writer:  # only global rank 0 decodes and writes: the other ranks hold identical latents
+        stages = [(name, stage) for name, stage in stages if name not in ("decode", "postprocess", "save")]
     state = State(request=request, metrics=metrics)
     metrics["source"] = source
     if device.type == "cuda":
@@ -191,7 +215,8 @@ def generate(cfg: DictConfig, out_dir: str | Path):
         cache.save()
     if device.type == "cuda":
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    state.outputs["metrics"] = write_metrics(state, out_dir)
+    if writer:
+        state.outputs["metrics"] = write_metrics(state, out_dir)
     release(components, device)
     return state
 

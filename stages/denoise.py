@@ -22,17 +22,25 @@ class DenoiseStep:
 
     Inputs live in `timestep` (0-dim fp32) and the scheduler's `coeff_buffer`, both filled before each
     call; `latents` is updated in place.
+
+    CFG parallelism: `cfg_gather` (distributed.Parallel.gather_cfg) turns this rank's one branch velocity
+    into (cond, uncond) with one collective; every rank then does the same combine and update, so the
+    latents stay identical on all ranks.
     """
 
-    def __init__(self, model, scheduler, branches, latents: torch.Tensor, guidance_scale: float):
+    def __init__(self, model, scheduler, branches, latents: torch.Tensor, guidance_scale: float, cfg_gather=None):
         self.model, self.scheduler, self.branches = model, scheduler, branches
         self.latents = latents
         self.guidance = guidance_scale
+        self.cfg_gather = cfg_gather
         self.timestep = torch.zeros((), device=latents.device, dtype=torch.float32)
 
     def __call__(self) -> torch.Tensor:
         velocity = self.model(self.latents, self.timestep, self.branches[0])
-        if len(self.branches) > 1:
+        if self.cfg_gather is not None:
+            cond, uncond = self.cfg_gather(velocity)
+            velocity = uncond + self.guidance * (cond - uncond)
+        elif len(self.branches) > 1:
             uncond = self.model(self.latents, self.timestep, self.branches[1])
             velocity = uncond + self.guidance * (velocity - uncond)
         s = self.scheduler
@@ -46,10 +54,14 @@ class Denoise:
         self.model = components.transformer
         self.scheduler = components.scheduler
         self.mode, self.warmup = mode, warmup_steps
+        self.parallel = components.parallel
 
     @torch.no_grad()
     def __call__(self, state: State) -> State:
-        step = DenoiseStep(self.model, self.scheduler, state.branches, state.latents, state.request.guidance_scale)
+        par = self.parallel
+        split_cfg = par is not None and par.cfg_size == 2 and state.request.use_cfg
+        step = DenoiseStep(self.model, self.scheduler, state.branches, state.latents, state.request.guidance_scale,
+                           cfg_gather=par.gather_cfg if split_cfg else None)
         bucket = {"latent": list(state.request.latent_shape), "text": [b.text_len for b in state.branches]}
         state.metrics["shape_bucket"] = bucket
         if self.mode != "eager":

@@ -50,6 +50,7 @@ class Components:
     device: torch.device
     dtype: torch.dtype
     source: str  # checkpoint folder, or "embedded:<preset>"
+    parallel: Any = None  # cosmos3_compiled.distributed.Parallel under torchrun, None for one process
 
 
 @dataclass

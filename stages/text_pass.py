@@ -8,18 +8,22 @@ from .state import Components, State
 
 
 class TextPass:
-    """Reads cond_ids / uncond_ids; writes branches ([cond] or [cond, uncond])."""
+    """Reads cond_ids / uncond_ids; writes branches ([cond] or [cond, uncond]; under CFG parallelism only
+    this rank's branch: [cond] on CFG rank 0, [uncond] on CFG rank 1)."""
 
     def __init__(self, components: Components, offload_text_tower: bool = False):
         self.model = components.transformer
         self.offload = offload_text_tower
+        self.parallel = components.parallel
 
     def __call__(self, state: State) -> State:
         r = state.request
         state.branches = []
-        for ids in (state.cond_ids, state.uncond_ids):
-            if ids is None:
-                continue
+        prompts = [ids for ids in (state.cond_ids, state.uncond_ids) if ids is not None]
+        par = self.parallel
+        if par is not None and par.cfg_size == 2 and len(prompts) == 2:
+            prompts = [prompts[par.cfg_rank]]
+        for ids in prompts:
             branch = self.model.setup_branch(len(ids), r.latent_shape, fps=r.fps, clean_frames=r.clean_frames)
             self.model.text_pass(torch.tensor(ids, dtype=torch.long), branch)
             state.branches.append(branch)
