@@ -9,7 +9,13 @@ including the output video), achieved TFLOP/s, and PSNR / max-abs against diffus
 eager decode. Full results go to JSON + a markdown report under $OUT (or --out); the table prints last.
 
 GPU:    python tools/bench_vae.py
+        python tools/bench_vae.py --no-diffusers --ours compiled_cl --memory-trace compiled_cl --cudnn-benchmark 0
 Smoke:  python tools/bench_vae.py --smoke          (tiny widths on the CPU, checks the script end to end)
+
+Memory floor: the causal histories (3.06 GiB in bf16 at 720p) and the output video (0.42 GiB) are live at
+every peak; the rest is the working set of one chunk (or one output frame with `frame_tail`) plus
+whatever workspace cuDNN's chosen algorithms take (`--memory-trace` shows it; `--cudnn-benchmark 0`
+lets cuDNN's heuristics choose instead of the fastest-measured algorithm).
 """
 
 from __future__ import annotations
