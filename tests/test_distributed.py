@@ -212,3 +212,20 @@ def test_torchrun_generation_matches_single_process(layout_name, nproc, exact, s
     degree = {"cfg": 1, "ulysses": 2, "cfg_ulysses": 2}[layout_name]
     assert metrics["parallel"] == {"world_size": nproc, "backend": "gloo", "cfg": layout_name != "ulysses",
                                    "ulysses": degree}
+
+
+def test_local_launcher_sweep_runs_each_job_on_two_processes(single_process_frames, tmp_path):
+    """conf/hydra/launcher/local.yaml: a 2-job sweep, each job CFG-parallel over 2 submitit tasks."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the `cluster` extra")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "cosmos3_compiled.cli", "-m", "hydra/launcher=local", "hydra.launcher.gpus_per_node=0",
+           f"hydra.sweep.dir={sweep}", "parallel=cfg", "parallel.backend=gloo", *REQUEST[:-1], "seed=7,8"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    want, want_sha = single_process_frames
+    metrics = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(2)]
+    assert [m["parallel"]["world_size"] for m in metrics] == [2, 2]
+    assert metrics[0]["sha256"] == want_sha != metrics[1]["sha256"]  # job 0 is the reference request (seed 7)
+    assert torch.equal(load_file(str(sweep / "0" / "frames.safetensors"))["frames"], want)
