@@ -169,6 +169,11 @@ class CausalConv3d(nn.Module):
         self.memory_format = torch.contiguous_format
 
     def pointwise(self, x: Tensor) -> Tensor:
+        """A 1×1×1 conv. Channels-last runs it as a matmul over the (innermost) channels: a 1×1×1 weight
+        looks both contiguous and channels-last, and the compiler would settle its input on contiguous."""
+        if self.memory_format == torch.channels_last_3d:
+            y = F.linear(x.permute(0, 2, 3, 4, 1), self.weight.flatten(1), self.bias)  # [B, T, H, W, Cout]
+            return y.permute(0, 4, 1, 2, 3)
         return F.conv3d(x, self.weight, self.bias)
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
@@ -352,8 +357,8 @@ def _add_dup_up_(x: Tensor, src: Tensor, ft: int, fs: int, first: bool) -> Tenso
     """x += DupUp3D(src): channels of `src` repeated, then unfolded into (ft, fs, fs) sub-positions.
 
     Output channel o at sub-position s = (a, p, q) reads src channel (o·ft·fs² + s) // reps with
-    reps = C_out·ft·fs² / C_in. The two Wan2.2 cases are added through broadcast views (no temporary);
-    on the first chunk only the last temporal sub-position (a = ft - 1) survives.
+    reps = C_out·ft·fs² / C_in. Eager: the two Wan2.2 cases are added in place through broadcast views
+    (no temporary). On the first chunk only the last temporal sub-position (a = ft - 1) survives.
     """
     b, cout, _, _, _ = x.shape
     cin, t, h, w = src.shape[1:]
@@ -361,6 +366,11 @@ def _add_dup_up_(x: Tensor, src: Tensor, ft: int, fs: int, first: bool) -> Tenso
     reps = cout * fac // cin
     a0 = ft - 1 if first else 0
     na = ft - a0
+    if torch.compiler.is_compiling():
+        # Out of place, the repeat spelled out: inductor folds it into one pointwise add that keeps x's
+        # layout (an add through split views would come back in the contiguous layout).
+        rep = rearrange(src.repeat_interleave(reps, dim=1), "b (o a p q) t h w -> b o (t a) (h p) (w q)", a=ft, p=fs, q=fs)
+        return x + rep[:, :, a0:]
     xv = x.view(b, cout, t, na, h, fs, w, fs)
     if reps % fac == 0:  # every src channel fills whole output channels
         k = reps // fac
