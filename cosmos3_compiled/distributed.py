@@ -119,19 +119,26 @@ def agree_run_dir(argv: list[str]) -> list[str]:
 # ---- collectives ------------------------------------------------------------------------------
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """Wait for an eager functional collective and return a plain tensor. Left as an AsyncCollectiveTensor,
+    its subclass type would reach einops, whose per-type backend cache grows, and compiled regions guard on
+    that cache's size: the next step would recompile. Traced collectives are plain tensors already."""
+    return t.wait() if isinstance(t, fc.AsyncCollectiveTensor) else t
+
+
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's `x` along dim 0 (group-rank order); traceable."""
     gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor  # the new name from torch 2.12
-    return gather(x.contiguous(), 0, group)
+    return _plain(gather(x.contiguous(), 0, group))
 
 
 def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """Chunk j of dim 0 goes to group rank j; chunk i of the result came from group rank i; traceable."""
-    return fc.all_to_all_single(x.contiguous(), None, None, group)
+    return _plain(fc.all_to_all_single(x.contiguous(), None, None, group))
 
 
 def all_reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
-    return fc.all_reduce(x, op, group)
+    return _plain(fc.all_reduce(x, op, group))
 
 
 @dataclass
