@@ -140,7 +140,9 @@ def apply_compile_vae(vae, mode: str) -> None:
         return
     if mode not in MODES or MODES[mode] is None:
         raise ValueError(f"unknown VAE compile mode {mode!r}; choose eager or one of {', '.join(MODES)}")
-    for name in ("decoder_first_chunk", "decoder_chunk"):
+    for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail"):
+        if not hasattr(vae, name):
+            continue
         setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, mode=MODES[mode]))
 
 
