@@ -225,9 +225,11 @@ class Parallel:
         both = all_gather(velocity, self.cfg_group)  # [2, C, T, h, w] from [1, C, T, h, w]
         return both[:1], both[1:]
 
+    vae_rows: bool = False  # the VAE decode is split by rows over every rank (RowParallelDecode)
+
     def describe(self) -> dict:
         return {"world_size": self.world_size, "backend": self.backend, "cfg": self.cfg_size == 2,
-                "ulysses": self.ulysses.degree if self.ulysses else 1}
+                "ulysses": self.ulysses.degree if self.ulysses else 1, "vae_rows": self.vae_rows}
 
 
 def layout(cfg_parallel: bool, ulysses: int, world: int) -> tuple[int, int]:
@@ -318,3 +320,86 @@ def apply_sequence_parallel(model, ulysses: Ulysses | None) -> None:
     model.sequence_parallel = ulysses
     for layer in model.layers:
         layer.sequence_parallel = ulysses
+
+
+# ---- height-parallel VAE decode ---------------------------------------------------------------------
+
+
+def tail_halo(decoder) -> int:
+    """Rows of halo (at the decoder tail's input resolution) that make a row block's tail output exact.
+
+    A zero-padded conv at a block edge corrupts `pad` more rows inward per layer, an upsample doubles the
+    corrupted depth; the causal histories carry the same per-layer depth from frame to frame (a layer's
+    history is its input, which is no deeper), so the bound holds over every frame.
+    """
+    depth, scale = 0, 1
+    for block in decoder.up_blocks[decoder.tail_start :]:
+        for resnet in block.resnets:
+            depth += resnet.conv1.spatial_pad[1] + resnet.conv2.spatial_pad[1]
+        if block.upsampler is not None:
+            depth, scale = 2 * (depth + 1), 2 * scale  # nearest ×2, then its 3×3 conv (or the 2×2 sub-pixel conv)
+    depth += decoder.conv_out.spatial_pad[1]
+    return -(-depth // scale)
+
+
+class RowParallelDecode:
+    """Height-parallel VAE decode over `world` ranks, wrapped around WanVAE's compilable units (vae.py is
+    left as it is): every rank runs latent frame 0 and the decoder *head* of each later frame in full (low
+    resolution; it holds the mid block's frame-global attention), then only its block of rows, plus a halo
+    of `tail_halo` rows, through the full-resolution *tail*, one output frame at a time; one all-gather per
+    output frame reassembles the rows on every rank. The tail's causal histories start from the full first
+    chunk's, sliced to the block, so the result is the single-device decode (same ops on the same values).
+
+    Needs `vae.frame_tail` (the default); without it the decode runs unsplit.
+    """
+
+    def __init__(self, vae, rank: int, world: int, group) -> None:
+        self.vae, self.rank, self.world, self.group = vae, rank, world, group
+        self.halo = tail_halo(vae.decoder)
+        self.first_unit, self.tail_unit = vae.decoder_first_chunk, vae.decoder_tail  # compiled or not
+        self.hist: list[torch.Tensor] = []
+        self.rows0 = 0  # tail-input rows of a full frame
+        vae.decoder_first_chunk = self.first_chunk
+        vae.decoder_tail = self.tail
+
+    def block(self) -> tuple[int, int, int, int, int]:
+        """(rows per rank, core start, core end, halo'd start, halo'd end) at the tail's input resolution."""
+        per = -(-self.rows0 // self.world)
+        a = min(self.rows0, self.rank * per)
+        b = min(self.rows0, a + per)
+        return per, a, b, max(0, a - self.halo), min(self.rows0, b + self.halo)
+
+    def first_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        y, hist = self.first_unit(x)
+        if not self.vae.frame_tail:
+            return y, hist
+        k = self.vae.decoder.head_histories
+        self.rows0 = hist[k].shape[3]  # the tail's first conv history has the tail input's rows
+        _, _, _, lo, hi = self.block()
+        fmt = self.vae.memory_format
+        self.hist = []
+        for h in hist[k:]:
+            s = h.shape[3] // self.rows0
+            self.hist.append(h[:, :, :, lo * s : hi * s].clone(memory_format=fmt))
+        # the full-frame tail histories are not read again (`tail` keeps its own): free them
+        return y, [*hist[:k], *(h.new_empty(0) for h in hist[k:])]
+
+    def tail(self, x: torch.Tensor, hist: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One frame of head features [B, C, 1, H0, W0] → the full frame's patches, computed 1/world here."""
+        per, a, b, lo, hi = self.block()
+        xs = x[:, :, :, lo:hi].contiguous(memory_format=self.vae.memory_format)
+        y, _ = self.tail_unit(xs, self.hist)  # [B, 12, 1, (hi - lo)·r, W]
+        r = y.shape[3] // (hi - lo)
+        core = y[:, :, :, (a - lo) * r : (b - lo) * r]
+        if b - a < per:  # the last block may be short: pad so every rank sends the same size
+            core = torch.nn.functional.pad(core, (0, 0, 0, (per - (b - a)) * r))
+        rows = all_gather(core.movedim(3, 0), self.group)  # [world·per·r, B, 12, 1, W]
+        return rows.movedim(0, 3)[:, :, :, : self.rows0 * r], []
+
+
+def apply_row_parallel_decode(vae, par: Parallel) -> RowParallelDecode | None:
+    """Split the VAE decode by rows over every rank of the job (after `apply_compile_vae`)."""
+    if par is None or par.world_size < 2:
+        return None
+    par.vae_rows = True
+    return RowParallelDecode(vae, par.rank, par.world_size, dist.group.WORLD)

@@ -20,7 +20,7 @@ from .compile import (
 )
 from .components import DTYPES, build_embedded, check_checkpoint_folder, load_checkpoint
 from .config import ConfigError, preset
-from .distributed import ParallelError, apply_sequence_parallel, init_parallel, teardown
+from .distributed import ParallelError, apply_row_parallel_decode, apply_sequence_parallel, init_parallel, teardown
 from .progress import set_progress_enabled
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, SchedulerConfigError
 
@@ -173,7 +173,6 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
     transformer.set_attention_backend(cfg.model.attention_backend, expand_kv=cfg.model.expand_kv)
     if par is not None:
         apply_sequence_parallel(transformer, par.ulysses)
-        metrics["parallel"] = par.describe()
     _sync(device)
     metrics["seconds"]["load"] = time.perf_counter() - t0
     components = Components(transformer, vae, scheduler, tokenizer, device, dtype, source, parallel=par)
@@ -185,6 +184,9 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
     )
     apply_compile(transformer, settings)
     apply_compile_vae(vae, cfg.compile.vae)
+    row_decode = par is not None and cfg.parallel.vae_rows and apply_row_parallel_decode(vae, par) is not None
+    if par is not None:
+        metrics["parallel"] = par.describe()
     apply_compile_text(transformer, cfg.compile.text_pass)
     stages = [
         ("tokenize", Tokenize(components)),
@@ -197,8 +199,9 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         ("save", Save(components, out_dir, frames=_value(cfg.output.frames), video=cfg.output.video,
                       crf=cfg.output.crf)),
     ]
-    if not writer:  # only global rank 0 decodes and writes: the other ranks hold identical latents
-        stages = [(name, stage) for name, stage in stages if name not in ("decode", "postprocess", "save")]
+    if not writer:  # only global rank 0 writes (and decodes, unless the decode is split by rows)
+        skip = ("postprocess", "save") if row_decode else ("decode", "postprocess", "save")
+        stages = [(name, stage) for name, stage in stages if name not in skip]
     state = State(request=request, metrics=metrics)
     metrics["source"] = source
     if device.type == "cuda":

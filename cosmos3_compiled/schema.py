@@ -73,6 +73,7 @@ class ParallelConfig:
     cfg: bool = False
     ulysses: int = 1
     backend: str = "nccl"
+    vae_rows: bool = False
 
 
 @dataclass

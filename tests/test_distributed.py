@@ -166,6 +166,53 @@ def test_video_step_cfg_and_ulysses_match_single_process(tmp_path):
             assert r[f"{scope}_compiled_max_abs"] <= 1e-6, r
 
 
+# ---- height-parallel VAE decode (2 ranks) ------------------------------------------------------------
+
+
+def _decode_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from cosmos3_compiled.components import embedded_vae_config, init_vae_random_
+    from cosmos3_compiled.vae import VAEConfig, build_vae
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    raw = {**embedded_vae_config(48, full_size=False), "num_res_blocks": 2}  # the real VAE's block structure
+
+    def build():
+        vae = build_vae(VAEConfig.from_dict(raw), with_encoder=False, device="cpu")
+        return init_vae_random_(vae, 3).eval().requires_grad_(False)
+
+    z = torch.randn(1, 48, 3, 7, 5, generator=torch.Generator().manual_seed(0))
+    want = build().decode_frames(z)
+    par = distributed.init_parallel(OmegaConf.create(dict(cfg=False, ulysses=0, backend="gloo")), "cpu")
+    vae = build()
+    split = distributed.apply_row_parallel_decode(vae, par)
+    got = vae.decode_frames(z)
+    distributed.teardown(par)
+    report = {"exact": torch.equal(got, want), "max_abs": (got - want).abs().max().item(), "halo": split.halo,
+              "block": split.block()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def test_row_parallel_decode_is_exact(tmp_path):
+    mp.spawn(_decode_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    print(reports)
+    # tail input 28 rows (7 latent rows × 4): 14 per rank plus an 11-row halo toward the other block
+    assert [r["block"] for r in reports] == [[14, 0, 14, 0, 25], [14, 14, 28, 3, 28]]
+    assert all(r["exact"] for r in reports), reports  # halo too small by 3 rows shows up only at ~1e-5
+
+
+def test_row_blocks_cover_uneven_heights():
+    split = object.__new__(distributed.RowParallelDecode)
+    split.rows0, split.world, split.halo = 28, 3, 11
+    blocks = []
+    for rank in range(3):
+        split.rank = rank
+        blocks.append(split.block())
+    assert blocks == [(10, 0, 10, 0, 21), (10, 10, 20, 0, 28), (10, 20, 28, 9, 28)]  # the last one short, padded
+
+
 # ---- whole generations under torchrun ---------------------------------------------------------------
 
 
@@ -194,13 +241,15 @@ def _torchrun(nproc: int, overrides: list[str], cwd: Path) -> subprocess.Complet
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
-@pytest.mark.parametrize("layout_name, nproc, exact", [
-    ("cfg", 2, True),
-    ("ulysses", 2, False),
-    ("cfg_ulysses", 4, False),
+@pytest.mark.parametrize("layout_name, nproc, vae_rows, exact", [
+    ("cfg", 2, False, True),
+    ("ulysses", 2, False, False),
+    ("cfg_ulysses", 4, True, False),  # and the decode split by rows over the 4 ranks
 ])
-def test_torchrun_generation_matches_single_process(layout_name, nproc, exact, single_process_frames, tmp_path):
-    proc = _torchrun(nproc, [f"parallel={layout_name}", "parallel.backend=gloo", *REQUEST], tmp_path)
+def test_torchrun_generation_matches_single_process(layout_name, nproc, vae_rows, exact, single_process_frames,
+                                                    tmp_path):
+    overrides = [f"parallel={layout_name}", "parallel.backend=gloo", f"parallel.vae_rows={vae_rows}"]
+    proc = _torchrun(nproc, [*overrides, *REQUEST], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     want, want_sha = single_process_frames
     # one run directory, decided on rank 0 and used by every rank; only rank 0 wrote into it
@@ -222,7 +271,7 @@ def test_torchrun_generation_matches_single_process(layout_name, nproc, exact, s
     metrics = json.loads((run / "metrics.json").read_text())
     degree = {"cfg": 1, "ulysses": 2, "cfg_ulysses": 2}[layout_name]
     assert metrics["parallel"] == {"world_size": nproc, "backend": "gloo", "cfg": layout_name != "ulysses",
-                                   "ulysses": degree}
+                                   "ulysses": degree, "vae_rows": vae_rows}
 
 
 def test_local_launcher_sweep_runs_each_job_on_two_processes(single_process_frames, tmp_path):
