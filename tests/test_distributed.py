@@ -25,6 +25,7 @@ from cosmos3_compiled.distributed import ParallelError, Ulysses, layout
 from cosmos3_compiled.pipeline import generate
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR_LAUNCHER = ROOT / "conf" / "hydra" / "launcher"
 LATENT_SHAPE = (2, 5, 6)  # 2 × 3 × 3 = 18 video tokens: Ulysses 2 gets 9 each
 TEXT_LENS = (13, 8)  # cond, uncond
 GUIDANCE = 4.0
@@ -289,3 +290,14 @@ def test_local_launcher_sweep_runs_each_job_on_two_processes(single_process_fram
     assert [m["parallel"]["world_size"] for m in metrics] == [2, 2]
     assert metrics[0]["sha256"] == want_sha != metrics[1]["sha256"]  # job 0 is the reference request (seed 7)
     assert torch.equal(load_file(str(sweep / "0" / "frames.safetensors"))["frames"], want)
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_launcher_configs_compose(launcher):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the `cluster` extra")
+    cfg = compose_generate([f"hydra/launcher={launcher}", "parallel=cfg_ulysses", "hydra.launcher.tasks_per_node=4"],
+                           return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher" if launcher == "slurm" else "LocalLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.timeout_min == 60
+    for line in (CONF_DIR_LAUNCHER / f"{launcher}.yaml").read_text().splitlines():  # every key commented
+        assert line.startswith("#") or "#" in line or not line.strip() or line.strip() == "defaults:", line
