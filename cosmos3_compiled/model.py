@@ -198,27 +198,37 @@ class Cosmos3Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def forward(
-        self, h: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, h: torch.Tensor, k_bufs: tuple[torch.Tensor, ...], v_bufs: tuple[torch.Tensor, ...], cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> torch.Tensor:
-        """Video tower on h [N, d]. k_buf / v_buf [Hkv, L + N, D] already hold the text keys/values in
-        positions [:L]; this step's keys (after norm and RoPE) and values are written straight into [L:].
+        """Video tower on h [B·N, d]: the tokens of B CFG branches (usually B = 1) stacked, so they share
+        every linear. k_bufs / v_bufs hold one [Hkv, L_b + N, D] buffer per branch with the text keys/values
+        in positions [:L_b]; each branch's keys (after norm and RoPE) and values are written straight into
+        [L_b:], and attention runs per branch. cos / sin: [B·N, D/2].
 
-        Under sequence parallelism h holds this rank's N/deg tokens and k_buf / v_buf this rank's Hkv/deg
-        heads for all L + N positions: see `_sequence_parallel_attention`."""
+        Under sequence parallelism (B = 1) h holds this rank's N/deg tokens and the buffers this rank's
+        Hkv/deg heads for all L + N positions: see `_sequence_parallel_attention`."""
         a, cfg = self.self_attn, self.cfg
-        N = h.shape[0]
+        M, B = h.shape[0], len(k_bufs)
+        N = M // B
         qk_heads = a.hq + a.hkv
         x = self.input_layernorm_moe_gen(h)
-        qkv = a.gen_qkv(x)  # [N, (Hq + 2·Hkv)·D]
-        qk = qkv[:, : qk_heads * a.hd].view(N, qk_heads, a.hd)
-        qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [N, Hq+Hkv, D]
+        qkv = a.gen_qkv(x)  # [M, (Hq + 2·Hkv)·D]
+        qk = qkv[:, : qk_heads * a.hd].view(M, qk_heads, a.hd)
+        qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [M, Hq+Hkv, D]
         if self.sequence_parallel is None:
-            L = k_buf.shape[1] - N
-            q = ops.apply_rope(qk[:, : a.hq], cos, sin, out=head_major(N, a.hq, a.hd, qk))  # [N, Hq, D] view
-            ops.apply_rope(qk[:, a.hq :], cos, sin, out=k_buf[:, L:].transpose(0, 1))
-            v_buf[:, L:] = qkv[:, qk_heads * a.hd :].view(N, a.hkv, a.hd).transpose(0, 1)
-            out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv)  # [N, Hq·D]
+            q = ops.apply_rope(qk[:, : a.hq], cos, sin, out=head_major(M, a.hq, a.hd, qk))  # [M, Hq, D] view
+            v = qkv[:, qk_heads * a.hd :].view(M, a.hkv, a.hd)
+            outs = []
+            for b, (k_buf, v_buf) in enumerate(zip(k_bufs, v_bufs)):
+                rows = slice(b * N, (b + 1) * N)
+                L = k_buf.shape[1] - N
+                ops.apply_rope(qk[rows, a.hq :], cos[rows], sin[rows], out=k_buf[:, L:].transpose(0, 1))
+                v_buf[:, L:] = v[rows].transpose(0, 1)
+                outs.append(attention(q[rows].transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv))
+            out = outs[0] if B == 1 else torch.cat(outs)  # [M, Hq·D]: attention outputs, not K/V
         else:
+            (k_buf,), (v_buf,) = k_bufs, v_bufs
             out = self._sequence_parallel_attention(qk, qkv[:, qk_heads * a.hd :], k_buf, v_buf, cos, sin)
         h = h + a.to_add_out(out)
         return h + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h))
@@ -455,10 +465,34 @@ class Cosmos3Transformer(nn.Module):
         if sp is not None:
             h = sp.shard_tokens(h)  # [N/deg, d]: this rank's tokens
         for layer, k_buf, v_buf in zip(self.layers, branch.k_bufs, branch.v_bufs):
-            h = layer(h, k_buf, v_buf, branch.cos, branch.sin)
+            h = layer(h, (k_buf,), (v_buf,), branch.cos, branch.sin)
         if sp is None:
             return self.unembed_video(h, latents.shape, branch.grid, branch.noisy)
         out = sp.gather_tokens(self.proj_out(self.norm_moe_gen(h)))  # [N, p·p·C] on every rank
         return self.unpatchify(out, latents.shape, branch.grid, branch.noisy)
+
+    @staticmethod
+    def setup_batched(branches: list[Branch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of several branches stacked for `forward_batched` ([B·N, D/2] each), built once."""
+        return torch.cat([b.cos for b in branches]), torch.cat([b.sin for b in branches])
+
+    def forward_batched(
+        self, latents: torch.Tensor, timestep: torch.Tensor, branches: list[Branch], cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """The video step for several CFG branches at once (same latents and timestep, different text):
+        their tokens go through every linear as one batch (bigger GEMMs, fewer launches), attention stays
+        per branch. cos / sin from `setup_batched`. Returns one fp32 velocity per branch."""
+        if self.sequence_parallel is not None:
+            raise ValueError("batched CFG branches and sequence parallelism do not combine; use one or the other")
+        h = self.embed_video(latents, timestep, branches[0].noisy)  # [N, d]: identical for every branch
+        n, count = h.shape[0], len(branches)
+        h = h.repeat(count, 1)  # [B·N, d]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, tuple(b.k_bufs[i] for b in branches), tuple(b.v_bufs[i] for b in branches), cos, sin)
+        out = self.proj_out(self.norm_moe_gen(h))  # [B·N, p·p·C]
+        return [
+            self.unpatchify(out[i * n : (i + 1) * n], latents.shape, b.grid, b.noisy) for i, b in enumerate(branches)
+        ]
 
     video_step = forward

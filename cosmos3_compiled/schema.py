@@ -41,6 +41,7 @@ class ModelConfig:
     num_frames: int = 9
     attention_backend: str = "auto"
     expand_kv: bool = False
+    batch_cfg: bool = False
     vae_dtype: Optional[DType] = None
 
 

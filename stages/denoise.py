@@ -28,14 +28,22 @@ class DenoiseStep:
     latents stay identical on all ranks.
     """
 
-    def __init__(self, model, scheduler, branches, latents: torch.Tensor, guidance_scale: float, cfg_gather=None):
+    def __init__(self, model, scheduler, branches, latents: torch.Tensor, guidance_scale: float, cfg_gather=None,
+                 batch_cfg: bool = False):
         self.model, self.scheduler, self.branches = model, scheduler, branches
         self.latents = latents
         self.guidance = guidance_scale
         self.cfg_gather = cfg_gather
         self.timestep = torch.zeros((), device=latents.device, dtype=torch.float32)
+        # both branches through the linears as one batch: set up the stacked RoPE tables once, here
+        self.batched = model.setup_batched(branches) if batch_cfg and len(branches) > 1 else None
 
     def __call__(self) -> torch.Tensor:
+        if self.batched is not None:
+            cond, uncond = self.model.forward_batched(self.latents, self.timestep, self.branches, *self.batched)
+            velocity = uncond + self.guidance * (cond - uncond)
+            s = self.scheduler
+            return unipc_step_(s.coeff_buffer, velocity, self.latents, s.history, s.last_sample)
         velocity = self.model(self.latents, self.timestep, self.branches[0])
         if self.cfg_gather is not None:
             cond, uncond = self.cfg_gather(velocity)
@@ -50,10 +58,10 @@ class DenoiseStep:
 class Denoise:
     """Reads latents, branches, timesteps; writes latents (in place), metrics["steps"]; frees branches."""
 
-    def __init__(self, components: Components, mode: str = "eager", warmup_steps: int = 1):
+    def __init__(self, components: Components, mode: str = "eager", warmup_steps: int = 1, batch_cfg: bool = False):
         self.model = components.transformer
         self.scheduler = components.scheduler
-        self.mode, self.warmup = mode, warmup_steps
+        self.mode, self.warmup, self.batch_cfg = mode, warmup_steps, batch_cfg
         self.parallel = components.parallel
 
     @torch.no_grad()
@@ -61,7 +69,8 @@ class Denoise:
         par = self.parallel
         split_cfg = par is not None and par.cfg_size == 2 and state.request.use_cfg
         step = DenoiseStep(self.model, self.scheduler, state.branches, state.latents, state.request.guidance_scale,
-                           cfg_gather=par.gather_cfg if split_cfg else None)
+                           cfg_gather=par.gather_cfg if split_cfg else None,
+                           batch_cfg=self.batch_cfg and not split_cfg)
         bucket = {"latent": list(state.request.latent_shape), "text": [b.text_len for b in state.branches]}
         state.metrics["shape_bucket"] = bucket
         if self.mode != "eager":

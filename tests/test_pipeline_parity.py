@@ -22,6 +22,9 @@ CASES = {
                            fps=24.0, steps=3, guidance=3.0)),
     "i2v": ("karras", dict(prompt="the scene comes alive", negative_prompt="static", height=48, width=64,
                            num_frames=5, fps=30.0, steps=3, guidance=4.0, image=True)),
+    # both CFG branches through the linears as one batch (model.batch_cfg)
+    "t2v_batched_cfg": ("karras", dict(prompt="A red fox in the snow.", negative_prompt="blurry", height=48, width=80,
+                                       num_frames=5, fps=16.0, steps=3, guidance=4.0, extra=["model.batch_cfg=true"])),
 }
 
 
@@ -57,6 +60,7 @@ def test_frames_match_reference(name, checkpoints, tmp_path):
         f"height={req['height']}", f"width={req['width']}", f"num_frames={req['num_frames']}", f"fps={req['fps']}",
         "seed=11", f"sampler.num_inference_steps={req['steps']}", f"sampler.guidance_scale={req['guidance']}",
         "output.frames=float32", "output.progress=false", f"image={image if image else 'null'}",
+        *req.get("extra", []),
     ])
     state = generate(cfg, tmp_path / "out")
     ours = load_file(str(state.outputs["frames"]))["frames"].numpy()

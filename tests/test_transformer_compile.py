@@ -55,3 +55,23 @@ def test_graph_break_is_an_error():
     (b,) = _branches(model, (1, 2, 2))[:1]
     with pytest.raises(torch._dynamo.exc.Unsupported):
         model(torch.randn(1, 48, 1, 2, 2), torch.tensor(5.0), b)
+
+
+def test_batched_cfg_step_fullgraph_no_recompiles():
+    """Both branches through the linears as one batch: compiles once, steady state without recompiles,
+    and equals the per-branch step."""
+    latent_shape = (2, 4, 6)
+    eager = build_random(preset("debug"), seed=6)
+    compiled = build_random(preset("debug"), seed=6)
+    apply_compile(compiled, CompileSettings(mode="default", scope="blocks", fullgraph=True))
+    be, bc = _branches(eager, latent_shape), _branches(compiled, latent_shape)
+    tables = compiled.setup_batched(bc)
+    latents = torch.randn(1, 48, *latent_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        compiled.forward_batched(latents, torch.tensor(999.0), bc, *tables)
+        with torch.compiler.set_stance("fail_on_recompile"), torch._dynamo.config.patch(error_on_recompile=True):
+            for t in (870.0, 12.0):
+                got = compiled.forward_batched(latents, torch.tensor(t), bc, *tables)
+                for g, b in zip(got, be):
+                    want = eager(latents, torch.tensor(t), b)
+                    assert (g - want).abs().max().item() <= 1e-4 * want.abs().max().item()
