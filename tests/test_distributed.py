@@ -192,16 +192,25 @@ def _decode_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     distributed.teardown(par)
     report = {"exact": torch.equal(got, want), "max_abs": (got - want).abs().max().item(), "halo": split.halo,
               "block": split.block()}
+    # a whole generation given a different output folder per rank: only rank 0's gets anything
+    cfg = compose_generate(["parallel=cfg", "parallel.backend=gloo", "parallel.vae_rows=true", *REQUEST])
+    state = generate(cfg, Path(out_dir, f"out{rank}"))
+    report["outputs"] = sorted(state.outputs)
+    report["sha256"] = state.sha256
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def test_row_parallel_decode_is_exact(tmp_path):
+def test_row_parallel_decode_is_exact_and_only_rank0_writes(tmp_path):
     mp.spawn(_decode_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     print(reports)
     # tail input 28 rows (7 latent rows × 4): 14 per rank plus an 11-row halo toward the other block
     assert [r["block"] for r in reports] == [[14, 0, 14, 0, 25], [14, 14, 28, 3, 28]]
     assert all(r["exact"] for r in reports), reports  # halo too small by 3 rows shows up only at ~1e-5
+    # only global rank 0 writes (rank 1 decoded its rows but wrote nothing, not even its output folder)
+    assert reports[0]["outputs"] == ["frames", "metrics", "video"] and reports[1]["outputs"] == []
+    assert reports[1]["sha256"] is None and not (tmp_path / "out1").exists()
+    assert sorted(p.name for p in (tmp_path / "out0").iterdir()) == ["frames.safetensors", "metrics.json", "video.mp4"]
 
 
 def test_row_blocks_cover_uneven_heights():
