@@ -213,8 +213,8 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         _sync(device)
         metrics["seconds"][name] = time.perf_counter() - t0
     metrics["seconds"]["total"] = time.perf_counter() - t_start
-    metrics["compile"] = {**compile_counters(), "mode": cfg.compile.mode, "scope": cfg.compile.scope,
-                          "warm_cache": bool(cache and cache.loaded)}
+    metrics["compile"] = {**compile_counters(), "recompiles": metrics.get("steps", {}).get("recompiles_after_warmup", 0),
+                          "mode": cfg.compile.mode, "scope": cfg.compile.scope, "warm_cache": bool(cache and cache.loaded)}
     if cache is not None:
         cache.save()
     if device.type == "cuda":

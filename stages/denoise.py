@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from cosmos3_compiled.compile import make_step_runner
+from cosmos3_compiled.compile import compile_counters, make_step_runner
 from cosmos3_compiled.progress import progress
 from cosmos3_compiled.scheduler import unipc_step_
 
@@ -80,12 +80,18 @@ class Denoise:
         run = make_step_runner(self.mode, step, [state.latents, s.history, s.last_sample], self.warmup)
         timesteps = state.timesteps.to(torch.float32)
         timer = StepTimer(state.latents.device)
+        warm = max(1, self.warmup)
+        graphs_after_warmup = None
         for i in progress(range(len(timesteps)), desc="denoise", total=len(timesteps)):
             step.timestep.copy_(timesteps[i])  # host → device, no sync on the device side
             s.load_coefficients_(i)
             with timer:
                 run()
+            if i + 1 == warm:
+                graphs_after_warmup = compile_counters()["unique_graphs"]
         state.metrics["steps"] = timer.summary()
+        if graphs_after_warmup is not None:  # graphs compiled in steady state = recompiles
+            state.metrics["steps"]["recompiles_after_warmup"] = compile_counters()["unique_graphs"] - graphs_after_warmup
         state.branches = []  # the K/V buffers are not needed past the last step: free them before decode
         return state
 
