@@ -68,9 +68,10 @@ class Denoise:
     def __call__(self, state: State) -> State:
         par = self.parallel
         split_cfg = par is not None and par.cfg_size == 2 and state.request.use_cfg
+        # batched CFG needs both branches on this rank and whole-sequence tokens (no Ulysses shards)
+        batch_cfg = self.batch_cfg and not split_cfg and (par is None or par.ulysses is None)
         step = DenoiseStep(self.model, self.scheduler, state.branches, state.latents, state.request.guidance_scale,
-                           cfg_gather=par.gather_cfg if split_cfg else None,
-                           batch_cfg=self.batch_cfg and not split_cfg)
+                           cfg_gather=par.gather_cfg if split_cfg else None, batch_cfg=batch_cfg)
         bucket = {"latent": list(state.request.latent_shape), "text": [b.text_len for b in state.branches]}
         state.metrics["shape_bucket"] = bucket
         if self.mode != "eager":

@@ -258,7 +258,9 @@ def _torchrun(nproc: int, overrides: list[str], cwd: Path) -> subprocess.Complet
 ])
 def test_torchrun_generation_matches_single_process(layout_name, nproc, vae_rows, exact, single_process_frames,
                                                     tmp_path):
-    overrides = [f"parallel={layout_name}", "parallel.backend=gloo", f"parallel.vae_rows={vae_rows}"]
+    # model.batch_cfg needs both branches' whole sequences on one rank: every layout here falls back to per-branch
+    overrides = [f"parallel={layout_name}", "parallel.backend=gloo", f"parallel.vae_rows={vae_rows}",
+                 "model.batch_cfg=true"]
     proc = _torchrun(nproc, [*overrides, *REQUEST], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     want, want_sha = single_process_frames
