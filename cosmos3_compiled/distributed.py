@@ -143,9 +143,13 @@ def all_reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
 
 @dataclass
 class Ulysses:
-    """Ulysses sequence parallelism over `degree` ranks: each rank holds N/degree video tokens through the
+    """Ulysses sequence parallelism over `degree` ranks: each rank holds ⌈N/degree⌉ video tokens through the
     layers; attention sees all N tokens for 1/degree of the heads (head shards by contiguous blocks, so
     GQA query head h still reads kv head h // groups of the same rank).
+
+    When the degree does not divide N the token axis is zero-padded to a multiple of it: padded rows run
+    through the layers as queries whose outputs are dropped, but never as keys or values (the K/V buffers
+    get exactly the N real tokens), so the real tokens' results do not change.
 
     The model calls these between its own ops (model.Cosmos3Layer.forward / Cosmos3Transformer.forward).
     """
@@ -153,13 +157,15 @@ class Ulysses:
     degree: int
     rank: int  # within the group
     group: object  # ProcessGroup of the `degree` ranks
+    tokens: int = 0  # N, the real video tokens (set by `setup_tokens` before the first step)
 
-    def check_tokens(self, n: int) -> None:
-        if n % self.degree:
-            raise ParallelError(
-                f"Ulysses degree {self.degree} must divide the video token count, got {n} tokens "
-                f"(latent frames × ⌈h/2⌉ × ⌈w/2⌉); pick a size whose token count it divides, or another degree"
-            )
+    @property
+    def padded(self) -> int:
+        return -(-self.tokens // self.degree) * self.degree
+
+    def setup_tokens(self, n: int) -> None:
+        """Record the video token count N of the branches about to be set up (the same for every branch)."""
+        self.tokens = n
 
     def check_heads(self, kv_heads: int) -> None:
         if kv_heads % self.degree:
@@ -169,8 +175,10 @@ class Ulysses:
             )
 
     def shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous block of dim 0 (tokens): [N, ...] → [N/deg, ...]."""
-        n = x.shape[0] // self.degree
+        """This rank's contiguous block of the (zero-padded) token axis: [N, ...] → [⌈N/deg⌉, ...]."""
+        if self.padded != x.shape[0]:
+            x = torch.cat([x, x.new_zeros((self.padded - x.shape[0], *x.shape[1:]))])
+        n = self.padded // self.degree
         return x[self.rank * n : (self.rank + 1) * n]
 
     def shard_heads(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -179,24 +187,25 @@ class Ulysses:
         return x.narrow(dim, self.rank * h, h)
 
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[N/deg, ...] on every rank → [N, ...] everywhere."""
-        return all_gather(x, self.group)
+        """[⌈N/deg⌉, ...] on every rank → the N real tokens [N, ...] everywhere."""
+        return all_gather(x, self.group)[: self.tokens]
 
     def scatter_heads(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sequence shards → head shards for q [n, Hq, D], k/v [n, Hkv, D], in ONE all-to-all:
-        → q [N, Hq/deg, D], k/v [N, Hkv/deg, D]."""
+        → q [N_pad, Hq/deg, D] (padded queries included), k/v [N, Hkv/deg, D] (real tokens only)."""
         g = self.degree
         hq, hkv = q.shape[1] // g, k.shape[1] // g
         parts = [rearrange(t, "n (g h) d -> g n h d", g=g) for t in (q, k, v)]
         x = torch.cat(parts, dim=2)  # [g, n, hq + 2·hkv, D]: block j is rank j's heads
         y = all_to_all(x, self.group)  # [g, n, hq + 2·hkv, D]: block i is rank i's tokens
-        y = y.view(-1, hq + 2 * hkv, y.shape[-1])  # [N, hq + 2·hkv, D]
-        return y[:, :hq], y[:, hq : hq + hkv], y[:, hq + hkv :]
+        y = y.view(-1, hq + 2 * hkv, y.shape[-1])  # [N_pad, hq + 2·hkv, D]
+        n = self.tokens
+        return y[:, :hq], y[:n, hq : hq + hkv], y[:n, hq + hkv :]
 
     def gather_heads(self, out: torch.Tensor) -> torch.Tensor:
-        """Inverse of `scatter_heads` for the attention output: [N, Hq/deg·D] → [n, Hq·D] (head order)."""
+        """Inverse of `scatter_heads` for the attention output: [N_pad, Hq/deg·D] → [n, Hq·D] (head order)."""
         g = self.degree
         x = out.reshape(g, out.shape[0] // g, out.shape[1])  # block j: rank j's tokens
         y = all_to_all(x, self.group)  # block i: rank i's heads for our tokens

@@ -237,18 +237,19 @@ class Cosmos3Layer(nn.Module):
         self, qk: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """Ulysses: qk [n, Hq+Hkv, D] (normed) and v [n, Hkv·D] of this rank's n = N/deg tokens → attention
-        output [n, Hq·D]. An all-to-all trades token shards for head shards (all N tokens, Hq/deg and
-        Hkv/deg heads), attention runs over the full sequence, and the inverse all-to-all trades back."""
+        """Ulysses: qk [n, Hq+Hkv, D] (normed) and v [n, Hkv·D] of this rank's n = ⌈N/deg⌉ tokens → attention
+        output [n, Hq·D]. An all-to-all trades token shards for head shards (all tokens, Hq/deg and Hkv/deg
+        heads; the K/V buffers get the N real ones), attention runs over the full sequence, and the inverse
+        all-to-all trades back."""
         a, sp = self.self_attn, self.sequence_parallel
         n = qk.shape[0]
         q = ops.apply_rope(qk[:, : a.hq], cos, sin)  # [n, Hq, D]
         k = ops.apply_rope(qk[:, a.hq :], cos, sin)  # [n, Hkv, D]
-        q, k, v = sp.scatter_heads(q, k, v.view(n, a.hkv, a.hd))  # [N, Hq/deg, D], [N, Hkv/deg, D] ×2
+        q, k, v = sp.scatter_heads(q, k, v.view(n, a.hkv, a.hd))  # [N_pad, Hq/deg, D], [N, Hkv/deg, D] ×2
         L = k_buf.shape[1] - k.shape[0]
         k_buf[:, L:] = k.transpose(0, 1)
         v_buf[:, L:] = v.transpose(0, 1)
-        out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv)  # [N, Hq/deg·D]
+        out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv)  # [N_pad, ·]
         return sp.gather_heads(out)  # [n, Hq·D]
 
 
@@ -348,7 +349,7 @@ class Cosmos3Transformer(nn.Module):
         n = grid[0] * grid[1] * grid[2]
         heads = cfg.num_key_value_heads
         if sp is not None:
-            sp.check_tokens(n)
+            sp.setup_tokens(n)  # ⌈N/deg⌉ tokens per rank (zero-padded when deg does not divide N)
             heads //= sp.degree
         shape = (heads, text_len + n, cfg.head_dim)
         k_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
@@ -361,7 +362,7 @@ class Cosmos3Transformer(nn.Module):
             pos[1:] += text_len + cfg.unified_3d_mrope_temporal_modality_margin
         cos, sin = ops.mrope_tables(pos.to(dev), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, dt)
         if sp is not None:
-            cos, sin = sp.shard_tokens(cos).contiguous(), sp.shard_tokens(sin).contiguous()  # [N/deg, D/2]
+            cos, sin = sp.shard_tokens(cos).contiguous(), sp.shard_tokens(sin).contiguous()  # [⌈N/deg⌉, D/2]
         noisy = torch.ones(grid[0], 1, 1, device=dev, dtype=torch.float32)
         for f in clean_frames:
             noisy[f] = 0.0
@@ -463,7 +464,7 @@ class Cosmos3Transformer(nn.Module):
         sp = self.sequence_parallel
         h = self.embed_video(latents, timestep, branch.noisy)  # [N, d]
         if sp is not None:
-            h = sp.shard_tokens(h)  # [N/deg, d]: this rank's tokens
+            h = sp.shard_tokens(h)  # [⌈N/deg⌉, d]: this rank's tokens (zero-padded past N)
         for layer, k_buf, v_buf in zip(self.layers, branch.k_bufs, branch.v_bufs):
             h = layer(h, (k_buf,), (v_buf,), branch.cos, branch.sin)
         if sp is None:
