@@ -129,9 +129,7 @@ def attention(
     Head-major operands are what cuDNN runs fastest; expand_kv copies K/V out to Hq heads first (plain MHA).
     """
     groups = q.shape[0] // k.shape[0]
-    # .contiguous(): under inductor the RoPE output's layout is inductor's choice; asking for head-major
-    # here makes it write q straight in the layout cuDNN reads fastest (a no-op in eager).
-    qh, kh, vh = q.contiguous().unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, H, S, D]
+    qh, kh, vh = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, H, S, D]
     if expand_kv and groups > 1:
         kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)  # [1, Hq, M, D]
     gqa = kh.shape[1] != qh.shape[1]
