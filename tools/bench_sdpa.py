@@ -7,24 +7,19 @@ Example: python tools/bench_sdpa.py --n 19320 --text 256
 import argparse
 import statistics
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import time_calls  # noqa: E402
+
 
 def bench(fn, iters=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts)
+    return statistics.median(time_calls(fn, warmup=3, iters=iters))
 
 
 def main():

@@ -20,28 +20,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
 
 from cosmos3_compiled.checkpoint import build_random  # noqa: E402
 from cosmos3_compiled.compile import CompileSettings, apply_compile, compile_counters  # noqa: E402
 from cosmos3_compiled.config import preset, replace  # noqa: E402
+from timing import time_calls  # noqa: E402
 
 CEILINGS = {"matmul_tflops": 770.0, "sdpa_cudnn_tflops": 636.0}
-
-
-def cuda_time(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return times
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -107,18 +93,8 @@ def main() -> None:
     latent = ((args.frames - 1) // 4 + 1, args.height // 16, args.width // 16)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if dev.type != "cuda":  # CPU smoke run: wall-clock timing
-        global cuda_time
-
-        def cuda_time(fn, warmup, iters):  # noqa: F811
-            for _ in range(warmup):
-                fn()
-            out = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
-            return out
+    def cuda_time(fn, warmup, iters):
+        return time_calls(fn, warmup, iters, dev)
 
     results: dict = {"config": vars(args), "latent": latent, "torch": torch.__version__,
                      "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
