@@ -64,7 +64,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "relu2":
-            return self.down_proj(torch.relu(self.up_proj(x)).square())
+            act = torch.relu(self.up_proj(x))
+            return self.down_proj(act * act)
         if self.fused:
             gate, up = self.gate_up(x).split(self.hidden, dim=-1)
         else:
