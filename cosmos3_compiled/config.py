@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint_io import CheckpointError, read_json
+from .checkpoint_io import read_json
 
 
 class ConfigError(ValueError):
@@ -151,4 +151,4 @@ def replace(cfg: TransformerConfig, **changes) -> TransformerConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["ConfigError", "TransformerConfig", "PRESETS", "preset", "replace", "CheckpointError", "field"]
+__all__ = ["ConfigError", "TransformerConfig", "PRESETS", "preset", "replace"]

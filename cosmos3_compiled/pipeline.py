@@ -5,8 +5,6 @@ The one place where components and stages are instantiated; each stage gets only
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -236,14 +234,4 @@ def release(components, device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def describe(state) -> str:
-    return json.dumps({k: str(v) for k, v in state.outputs.items()}) + f"\nsha256 {state.sha256}"
-
-
-def hydra_output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-__all__ = ["generate", "build_request", "USER_ERRORS", "RequestError", "hydra_output_dir", "os"]
+__all__ = ["generate", "build_request", "USER_ERRORS", "RequestError"]

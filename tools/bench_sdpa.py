@@ -41,7 +41,7 @@ def main():
         "head-major (BHSD contiguous)": (q_tok.transpose(0, 1).contiguous()[None], k_tok.transpose(0, 1).contiguous()[None],
                                          v_tok.transpose(0, 1).contiguous()[None]),
     }
-    print(f"| backend | layout | gqa | ms | TFLOP/s |\n|---|---|---|---|---|")
+    print("| backend | layout | gqa | ms | TFLOP/s |\n|---|---|---|---|---|")
     for bname in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
         for lname, (q, k, v) in layouts.items():
             for gqa in ("native", "expanded"):
