@@ -12,7 +12,7 @@ from .checkpoint_io import CheckpointError, read_json, weight_files
 from .config import TransformerConfig, preset
 from .prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler
-from .vae import VAEConfig, WanVAE, build_vae, load_vae
+from .vae import VAEConfig, WanVAE, build_vae, load_vae, wan22_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SUBFOLDERS = ("transformer", "vae", "scheduler", "text_tokenizer")
@@ -22,23 +22,12 @@ def embedded_vae_config(z_dim: int = 48, full_size: bool = False) -> dict:
     """A Wan2.2-architecture VAE config (diffusers keys): tiny for the embedded default, or the real
     widths (base 160, decoder 256, 2 res blocks) for Nano-size benchmarks with random weights."""
     gen = torch.Generator().manual_seed(1234)
+    small = {} if full_size else dict(base_dim=8, decoder_base_dim=16, num_res_blocks=1)
     return {
         "_class_name": "AutoencoderKLWan",
         "_diffusers_version": "0.42.1",
-        "base_dim": 160 if full_size else 8,
-        "decoder_base_dim": 256 if full_size else 16,
-        "z_dim": z_dim,
-        "dim_mult": [1, 2, 4, 4],
-        "num_res_blocks": 2 if full_size else 1,
-        "attn_scales": [],
-        "temperal_downsample": [False, True, True],
+        **wan22_config(z_dim=z_dim, **small),
         "dropout": 0.0,
-        "is_residual": True,
-        "in_channels": 12,
-        "out_channels": 12,
-        "patch_size": 2,
-        "scale_factor_spatial": 16,
-        "scale_factor_temporal": 4,
         "clip_output": True,
         "latents_mean": [round(v, 4) for v in (0.1 * torch.randn(z_dim, generator=gen)).tolist()],
         "latents_std": [round(v, 4) for v in (1.0 + 0.5 * torch.rand(z_dim, generator=gen)).tolist()],

@@ -714,6 +714,28 @@ class WanVAE(nn.Module):
 # ------------------------------------------------------------------------------------------- loading
 
 
+def wan22_config(**overrides) -> dict:
+    """The Wan2.2 VAE architecture in diffusers' config keys (latents_mean/std not included); overrides
+    change widths for tiny test or demo models. The one place these keys are spelled out."""
+    arch = dict(
+        base_dim=160,
+        decoder_base_dim=256,
+        z_dim=48,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+    )
+    arch.update(overrides)
+    return arch
+
+
 def build_vae(cfg: VAEConfig, with_encoder: bool = True, device: str | torch.device = "meta") -> WanVAE:
     with torch.device(device):
         return WanVAE(cfg, with_encoder=with_encoder)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cosmos3_compiled.prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
+from cosmos3_compiled.vae import wan22_config
 
 LATENT_CHANNELS = 48  # Wan2.2 VAE z_dim; the transformer's patch features are 48·2·2 = 192
 
@@ -137,21 +138,10 @@ def make_reference_checkpoint(
     latents_mean = (0.5 * torch.randn(LATENT_CHANNELS, generator=gen)).tolist()
     latents_std = (0.5 + torch.rand(LATENT_CHANNELS, generator=gen)).tolist()
     vae = AutoencoderKLWan(
-        base_dim=vae_base_dim,
-        decoder_base_dim=vae_decoder_base_dim,
-        z_dim=LATENT_CHANNELS,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=vae_num_res_blocks,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
+        **wan22_config(base_dim=vae_base_dim, decoder_base_dim=vae_decoder_base_dim, z_dim=LATENT_CHANNELS,
+                       num_res_blocks=vae_num_res_blocks),
         latents_mean=latents_mean,
         latents_std=latents_std,
-        is_residual=True,
-        in_channels=12,
-        out_channels=12,
-        patch_size=2,
-        scale_factor_temporal=4,
-        scale_factor_spatial=16,
     ).float()
     _randomize_vae(vae, gen)
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from cosmos3_compiled.checkpoint_io import CheckpointError
 from cosmos3_compiled.postprocess import to_float_frames, to_uint8_frames, to_unit_range_
 from cosmos3_compiled.progress import set_progress_enabled
-from cosmos3_compiled.vae import load_vae
+from cosmos3_compiled.vae import load_vae, wan22_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -27,20 +27,7 @@ def _reference_vae(seed: int = 0):
     mean = (0.3 * torch.randn(Z, generator=g)).tolist()
     std = (0.5 + torch.rand(Z, generator=g)).tolist()
     ref = diffusers.AutoencoderKLWan(
-        base_dim=8,
-        decoder_base_dim=8,
-        z_dim=Z,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        temperal_downsample=[False, True, True],
-        is_residual=True,
-        patch_size=2,
-        in_channels=12,
-        out_channels=12,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
-        latents_mean=mean,
-        latents_std=std,
+        **wan22_config(base_dim=8, decoder_base_dim=8, z_dim=Z), latents_mean=mean, latents_std=std
     ).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():

@@ -38,22 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from cosmos3_compiled.checkpoint_io import assign_strict  # noqa: E402
 from cosmos3_compiled.progress import set_progress_enabled  # noqa: E402
-from cosmos3_compiled.vae import VAEConfig, WanVAE, build_vae  # noqa: E402
+from cosmos3_compiled.vae import VAEConfig, WanVAE, build_vae, wan22_config  # noqa: E402
 
-WAN22 = dict(
-    base_dim=160,
-    decoder_base_dim=256,
-    z_dim=48,
-    dim_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    temperal_downsample=[False, True, True],
-    is_residual=True,
-    patch_size=2,
-    in_channels=12,
-    out_channels=12,
-    scale_factor_spatial=16,
-    scale_factor_temporal=4,
-)
+WAN22 = wan22_config()
 # A mode is `eager` or `compiled`, plus any of: `_cl` (channels_last_3d), `_chunk` (whole-chunk tail
 # instead of frame-by-frame, see WanVAE.frame_tail), `_subpixel` (WanVAE.apply_subpixel_upsample),
 # `_autotune` (compiled with max-autotune-no-cudagraphs).
