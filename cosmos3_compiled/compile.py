@@ -92,13 +92,27 @@ class SteadyStateRunner:
             return self.step()
 
 
+def capture_cuda_graph(fn):
+    """Run `fn` once for real on a side stream (it compiles, autotunes and allocates outside the capture),
+    then capture it; returns (graph, the captured call's output). Capturing executes nothing."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class CudaGraphRunner:
     """Our own capture of the whole denoising step (every branch's video step, CFG combine, scheduler
     update) in one CUDA graph over static buffers, replayed every step.
 
-    The first `warmup_calls` calls are real steps run normally on a side stream (they compile, autotune
-    and allocate outside the capture); the graph is captured right after — capturing executes nothing,
-    so no step is wasted and no state has to be saved — and every later call is one `replay()`.
+    Each of the first `warmup_calls` calls is one real step run normally (the last of them through
+    `capture_cuda_graph`, which captures right after it — so no step is wasted and no state has to be
+    saved); every later call is one `replay()`.
     """
 
     def __init__(self, step, warmup_calls: int = 1):
@@ -109,16 +123,10 @@ class CudaGraphRunner:
         self.calls += 1
         if self.graph is not None:
             self.graph.replay()
-            return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        elif self.calls < self.warmup_calls:
             self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        if self.calls >= self.warmup_calls:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.step()
+        else:
+            self.graph, _ = capture_cuda_graph(self.step)
 
 
 def apply_compile_text(model, mode: str) -> None:

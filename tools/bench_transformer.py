@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
 
 from cosmos3_compiled.checkpoint import build_random  # noqa: E402
-from cosmos3_compiled.compile import CompileSettings, apply_compile, compile_counters  # noqa: E402
+from cosmos3_compiled.compile import CompileSettings, apply_compile, capture_cuda_graph, compile_counters  # noqa: E402
 from cosmos3_compiled.config import preset, replace  # noqa: E402
 from timing import time_calls  # noqa: E402
 
@@ -35,6 +35,14 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     mse = (x.float() - ref).pow(2).mean().item()
     peak = ref.abs().max().item()
     return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def recompile(model, mode: str, scope: str) -> None:
+    """Drop every compiled graph and restore plain forwards, then compile the model another way."""
+    torch._dynamo.reset()
+    for m in [model, *model.layers]:
+        m._compiled_call_impl = None
+    apply_compile(model, CompileSettings(mode=mode, scope=scope, fullgraph=True))
 
 
 def kernel_sum(fn, iters: int) -> dict:
@@ -170,50 +178,25 @@ def main() -> None:
             graph = None
             per_call_branches = 1
             if mode == "cudagraph_batched":  # both CFG branches (uncond prompt 25 tokens shorter) as one batch
-                torch._dynamo.reset()
-                for m in [model, *model.layers]:
-                    m._compiled_call_impl = None
-                apply_compile(model, CompileSettings(mode="default", scope="blocks", fullgraph=True))
+                recompile(model, "default", "blocks")
                 uncond = model.setup_branch(args.text_len - 25, latent, fps=args.fps)
                 model.text_pass(ids[: args.text_len - 25], uncond)
                 pair, per_call_branches = [branch, uncond], 2
                 tables = model.setup_batched(pair)
                 t0 = time.perf_counter()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    model.forward_batched(latents, ts, pair, *tables)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_out = model.forward_batched(latents, ts, pair, *tables)[0]
+                graph, outs = capture_cuda_graph(lambda: model.forward_batched(latents, ts, pair, *tables))
+                static_out = outs[0]
                 sync()
                 compile_s = time.perf_counter() - t0
             elif mode.startswith("cudagraph"):
-                torch._dynamo.reset()
-                for m in [model, *model.layers]:
-                    m._compiled_call_impl = None
-                inner = mode.partition(":")[2] or "default"
-                apply_compile(model, CompileSettings(mode=inner, scope="blocks", fullgraph=True))
+                recompile(model, mode.partition(":")[2] or "default", "blocks")
                 t0 = time.perf_counter()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    model(latents, ts, branch)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_out = model(latents, ts, branch)
+                graph, static_out = capture_cuda_graph(lambda: model(latents, ts, branch))
                 sync()
                 compile_s = time.perf_counter() - t0
             elif mode != "eager":
                 scope, _, cmode = mode.partition("_")
-                cmode = cmode or "default"
-                torch._dynamo.reset()
-                # restore plain forwards before compiling another way
-                for m in [model, *model.layers]:
-                    m._compiled_call_impl = None
-                apply_compile(model, CompileSettings(mode=cmode, scope=scope, fullgraph=True))
+                recompile(model, cmode or "default", scope)
                 t0 = time.perf_counter()
                 model(latents, ts, branch)
                 sync()
