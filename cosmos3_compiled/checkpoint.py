@@ -58,7 +58,7 @@ def init_random_(model: Cosmos3Transformer, seed: int) -> Cosmos3Transformer:
         for name, p in model.named_parameters():
             tmp = torch.empty(p.shape, device=dev, dtype=torch.float32)
             tmp.normal_(generator=gen)
-            if name.endswith("norm.weight") or "norm" in name.split(".")[-2]:
+            if "norm" in name.split(".")[-2]:  # every norm weight: *norm*.weight
                 tmp.mul_(0.1).add_(1.0)
             elif name.endswith("bias"):
                 tmp.mul_(0.02)

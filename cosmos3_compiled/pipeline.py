@@ -188,7 +188,8 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
     apply_compile_text(transformer, cfg.compile.text_pass)
     stages = [
         ("tokenize", Tokenize(components)),
-        ("text_pass", TextPass(components, offload_text_tower=cfg.compile.offload_text_tower)),
+        ("text_pass", TextPass(components)),  # with compile.offload_text_tower the loader already placed
+        # the text weights on the host; model.text_pass streams them in layer by layer
         ("latents", Latents(components)),
         ("timesteps", Timesteps(components)),
         ("denoise", Denoise(components, mode=cfg.compile.mode, warmup_steps=cfg.compile.warmup_steps,

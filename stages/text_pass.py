@@ -11,9 +11,8 @@ class TextPass:
     """Reads cond_ids / uncond_ids; writes branches ([cond] or [cond, uncond]; under CFG parallelism only
     this rank's branch: [cond] on CFG rank 0, [uncond] on CFG rank 1)."""
 
-    def __init__(self, components: Components, offload_text_tower: bool = False):
+    def __init__(self, components: Components):
         self.model = components.transformer
-        self.offload = offload_text_tower
         self.parallel = components.parallel
 
     def __call__(self, state: State) -> State:
@@ -27,6 +26,4 @@ class TextPass:
             branch = self.model.setup_branch(len(ids), r.latent_shape, fps=r.fps, clean_frames=r.clean_frames)
             self.model.text_pass(torch.tensor(ids, dtype=torch.long), branch)
             state.branches.append(branch)
-        if self.offload:
-            self.model.offload_text_tower()
         return state
