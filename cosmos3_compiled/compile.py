@@ -140,16 +140,33 @@ def apply_compile_text(model, mode: str) -> None:
         layer.text_forward = torch.compile(layer.text_forward, fullgraph=True, dynamic=False, mode=MODES[mode])
 
 
-def apply_compile_vae(vae, mode: str) -> None:
-    """Compile the VAE's per-chunk decoder bodies (fullgraph); "eager" leaves them alone."""
+def apply_compile_vae(vae, mode: str, emulate_casts: bool = False) -> None:
+    """Compile the VAE's per-chunk decoder bodies (fullgraph); "eager" leaves them alone.
+
+    emulate_casts: inductor rounds every intermediate to the tensor dtype exactly where eager would
+    (`emulate_precision_casts`) instead of keeping fused elementwise chains in fp32, so a bf16 compiled
+    decode tracks the eager one more closely.
+    """
     if mode == "eager":
         return
     if mode not in MODES or MODES[mode] is None:
         raise ValueError(f"unknown VAE compile mode {mode!r}; choose eager or one of {', '.join(MODES)}")
+    options = {"emulate_precision_casts": True} if emulate_casts else None
     for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail"):
         if not hasattr(vae, name):
             continue
-        setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, mode=MODES[mode]))
+        fn = getattr(vae, name)
+        if options is None:
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=MODES[mode])
+        else:  # inductor takes either a mode or options
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False, options={**_mode_options(mode), **options})
+        setattr(vae, name, compiled)
+
+
+def _mode_options(mode: str) -> dict:
+    """The inductor settings a torch.compile mode name stands for (to combine with other options)."""
+    name = MODES[mode]
+    return {} if name in (None, "default") else dict(torch._inductor.list_mode_options(name))
 
 
 def make_step_runner(mode: str, step, state: list[torch.Tensor], warmup: int):

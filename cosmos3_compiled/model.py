@@ -122,26 +122,42 @@ class Attention(nn.Module):
 
 
 
+GQA_MODES = ("native", "expand", "fold")
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str = "auto", expand_kv: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str = "auto", gqa: str = "native"
 ) -> torch.Tensor:
     """SDPA over head-major q [Hq, N, D], k/v [Hkv, M, D] → [N, Hq·D]. GQA: head h reads kv head h // groups.
 
-    Head-major operands are what cuDNN runs fastest; expand_kv copies K/V out to Hq heads first (plain MHA).
+    How grouped heads reach the kernel (all exact):
+      native: SDPA's `enable_gqa`;
+      expand: K/V copied out to Hq heads first (plain MHA, costs a copy per call);
+      fold:   the `groups` query heads that share a KV head are laid end to end as one query sequence,
+              q [Hq, N, D] → [Hkv, groups·N, D] (free when q is head-major contiguous), so the kernel runs
+              plain MHA over Hkv heads with no copy of K/V. Softmax is per query row, so nothing changes;
+              causal attention can't fold (row positions would move) and falls back to native.
     """
-    groups = q.shape[0] // k.shape[0]
-    qh, kh, vh = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, H, S, D]
-    if expand_kv and groups > 1:
+    hq, n, d = q.shape
+    groups = hq // k.shape[0]
+    if groups > 1 and gqa == "fold" and not causal:
+        qh = q.reshape(k.shape[0], groups * n, d).unsqueeze(0)
+        out = _sdpa(qh, k.unsqueeze(0), v.unsqueeze(0), False, backend, False)  # [1, Hkv, groups·N, D]
+        return rearrange(out.view(hq, n, d), "h n d -> n (h d)")
+    kh, vh = k.unsqueeze(0), v.unsqueeze(0)
+    if groups > 1 and gqa == "expand":
         kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)  # [1, Hq, M, D]
-    gqa = kh.shape[1] != qh.shape[1]
-    if backend == "auto":
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=gqa)
-    else:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=gqa)
+    out = _sdpa(q.unsqueeze(0), kh, vh, causal, backend, kh.shape[1] != hq)
     return rearrange(out, "1 h n d -> n (h d)")  # [N, Hq·D]
+
+
+def _sdpa(q, k, v, causal: bool, backend: str, enable_gqa: bool) -> torch.Tensor:
+    if backend == "auto":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
 
 
 def head_major(shape_tokens: int, heads: int, dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -165,7 +181,7 @@ class Cosmos3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps, style)
         self.post_attention_layernorm_moe_gen = RMSNorm(d, eps, style)
         self.attn_backend = "auto"
-        self.expand_kv = False
+        self.gqa = "native"  # how grouped KV heads reach SDPA: see `attention`
         self.sequence_parallel = None  # distributed.Ulysses under sequence parallelism (apply_sequence_parallel)
 
     def setup_buffers(self) -> None:
@@ -216,15 +232,16 @@ class Cosmos3Layer(nn.Module):
         qk = qkv[:, : qk_heads * a.hd].view(M, qk_heads, a.hd)
         qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [M, Hq+Hkv, D]
         if self.sequence_parallel is None:
-            q = ops.apply_rope(qk[:, : a.hq], cos, sin, out=head_major(M, a.hq, a.hd, qk))  # [M, Hq, D] view
             v = qkv[:, qk_heads * a.hd :].view(M, a.hkv, a.hd)
             outs = []
             for b, (k_buf, v_buf) in enumerate(zip(k_bufs, v_bufs)):
                 rows = slice(b * N, (b + 1) * N)
                 L = k_buf.shape[1] - N
+                # each branch's queries get their own head-major [Hq, N, D] storage (contiguous for `fold`)
+                q = ops.apply_rope(qk[rows, : a.hq], cos[rows], sin[rows], out=head_major(N, a.hq, a.hd, qk))
                 ops.apply_rope(qk[rows, a.hq :], cos[rows], sin[rows], out=k_buf[:, L:].transpose(0, 1))
                 v_buf[:, L:] = v[rows].transpose(0, 1)
-                outs.append(attention(q[rows].transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv))
+                outs.append(attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.gqa))
             out = outs[0] if B == 1 else torch.cat(outs)  # [M, Hq·D]: attention outputs, not K/V
         else:
             (k_buf,), (v_buf,) = k_bufs, v_bufs
@@ -248,7 +265,7 @@ class Cosmos3Layer(nn.Module):
         L = k_buf.shape[1] - k.shape[0]
         k_buf[:, L:] = k.transpose(0, 1)
         v_buf[:, L:] = v.transpose(0, 1)
-        out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.expand_kv)  # [N_pad, ·]
+        out = attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.gqa)  # [N_pad, ·]
         return sp.gather_heads(out)  # [n, Hq·D]
 
 
@@ -323,13 +340,15 @@ class Cosmos3Transformer(nn.Module):
         for layer in self.layers:
             layer.setup_buffers()
 
-    def set_attention_backend(self, backend: str, expand_kv: bool = False) -> None:
-        """SDPA backend for both towers ("auto" lets PyTorch choose); expand_kv: see `attention`."""
+    def set_attention_backend(self, backend: str, gqa: str = "native") -> None:
+        """SDPA backend for both towers ("auto" lets PyTorch choose); gqa: native | expand | fold (see `attention`)."""
         if backend != "auto" and backend not in _SDPA_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose auto, {', '.join(_SDPA_BACKENDS)}")
+        if gqa not in GQA_MODES:
+            raise ValueError(f"unknown gqa mode {gqa!r}; choose {', '.join(GQA_MODES)}")
         for layer in self.layers:
             layer.attn_backend = backend
-            layer.expand_kv = expand_kv
+            layer.gqa = gqa
 
     def patch_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         t, h, w = latent_shape

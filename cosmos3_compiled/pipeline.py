@@ -168,7 +168,7 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         )
         source = str(Path(str(cfg.checkpoint)).resolve())
     scheduler = FlowUniPCScheduler.from_config(sched_raw)
-    transformer.set_attention_backend(cfg.model.attention_backend, expand_kv=cfg.model.expand_kv)
+    transformer.set_attention_backend(cfg.model.attention_backend, gqa=_value(cfg.model.gqa))
     if par is not None:
         apply_sequence_parallel(transformer, par.ulysses)
     _sync(device)

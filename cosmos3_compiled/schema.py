@@ -26,6 +26,12 @@ class FramesOut(str, Enum):
     float32 = "float32"
 
 
+class GQA(str, Enum):
+    native = "native"  # SDPA's enable_gqa
+    expand = "expand"  # K/V copied out to every query head
+    fold = "fold"  # the query heads of one KV head laid end to end (plain MHA over KV heads, no copy)
+
+
 class Schedule(str, Enum):
     checkpoint = "checkpoint"  # whatever scheduler_config.json says
     karras = "karras"  # Karras flow sigmas (published Cosmos3 configs)
@@ -40,7 +46,7 @@ class ModelConfig:
     width: int = 128
     num_frames: int = 9
     attention_backend: str = "auto"
-    expand_kv: bool = False
+    gqa: GQA = GQA.native
     batch_cfg: bool = False
     vae_dtype: Optional[DType] = None
 

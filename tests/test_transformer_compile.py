@@ -57,12 +57,14 @@ def test_graph_break_is_an_error():
         model(torch.randn(1, 48, 1, 2, 2), torch.tensor(5.0), b)
 
 
-def test_batched_cfg_step_fullgraph_no_recompiles():
+@pytest.mark.parametrize("gqa", ["native", "fold"])
+def test_batched_cfg_step_fullgraph_no_recompiles(gqa):
     """Both branches through the linears as one batch: compiles once, steady state without recompiles,
-    and equals the per-branch step."""
+    and equals the per-branch step (which uses native GQA)."""
     latent_shape = (2, 4, 6)
     eager = build_random(preset("debug"), seed=6)
     compiled = build_random(preset("debug"), seed=6)
+    compiled.set_attention_backend("auto", gqa=gqa)
     apply_compile(compiled, CompileSettings(mode="default", scope="blocks", fullgraph=True))
     be, bc = _branches(eager, latent_shape), _branches(compiled, latent_shape)
     tables = compiled.setup_batched(bc)

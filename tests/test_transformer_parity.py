@@ -58,12 +58,13 @@ def test_matches_reference_cond_and_uncond(name, checkpoints):
             assert got[:, :, list(clean)].abs().max() == 0
 
 
-@pytest.mark.parametrize("backend,expand_kv", [("math", True), ("math", False), ("auto", True)])
-def test_attention_options_keep_parity(backend, expand_kv, checkpoints):
+@pytest.mark.parametrize("backend,gqa", [("math", "expand"), ("math", "native"), ("math", "fold"), ("auto", "expand"),
+                                         ("auto", "fold")])
+def test_attention_options_keep_parity(backend, gqa, checkpoints):
     ref, folder = checkpoints["gqa3_fps24"]
     _, (t, h, w), fps, clean = CASES["gqa3_fps24"]
     ours = load_transformer(folder, dtype=torch.float32)
-    ours.set_attention_backend(backend, expand_kv=expand_kv)
+    ours.set_attention_backend(backend, gqa=gqa)
     ids = torch.arange(9) * 7
     latents = torch.randn(1, 48, t, h, w, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -78,3 +79,5 @@ def test_unknown_attention_backend_is_rejected(checkpoints):
     ours = load_transformer(checkpoints["gqa3_fps24"][1], dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown attention backend"):
         ours.set_attention_backend("flash3")
+    with pytest.raises(ValueError, match="unknown gqa mode"):
+        ours.set_attention_backend("math", gqa="repeat")

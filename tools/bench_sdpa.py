@@ -44,11 +44,15 @@ def main():
     print("| backend | layout | gqa | ms | TFLOP/s |\n|---|---|---|---|---|")
     for bname in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
         for lname, (q, k, v) in layouts.items():
-            for gqa in ("native", "expanded"):
-                kk, vv = (k, v) if gqa == "native" else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
+            for gqa in ("native", "expanded", "folded"):
+                qq, kk, vv = q, k, v
+                if gqa == "expanded":
+                    kk, vv = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+                elif gqa == "folded":  # query heads sharing a KV head end to end: [1, Hkv, groups·N, D] (copy if strided)
+                    qq = q.reshape(1, hkv, (hq // hkv) * n, d)
                 try:
                     with sdpa_kernel(getattr(SDPBackend, bname)):
-                        t = bench(lambda: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=gqa == "native"))
+                        t = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=gqa == "native"))
                     print(f"| {bname} | {lname} | {gqa} | {t*1e3:.2f} | {flop / t / 1e12:.0f} |")
                 except RuntimeError as err:
                     print(f"| {bname} | {lname} | {gqa} | failed: {str(err)[:60]} | |")

@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--attn", default="cudnn", help="SDPA backend for ours: auto|cudnn|flash|efficient|math")
-    ap.add_argument("--expand-kv", action="store_true", help="copy K/V out to all query heads before SDPA")
+    ap.add_argument("--gqa", default="native",
+                    help="comma list of GQA handlings to run every 'ours' mode with: native, expand, fold (see model.attention)")
     ap.add_argument("--ours", default="eager,blocks,cudagraph",
                     help="comma list of: eager, blocks, full, blocks_<compile mode>, cudagraph[:<compile mode>] "
                          "(regional compile, then one CUDA graph of the whole step), cudagraph_batched (both CFG branches "
@@ -164,7 +165,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     model.setup_buffers()
-    model.set_attention_backend(args.attn, expand_kv=args.expand_kv)
+    model.set_attention_backend(args.attn)
     branch = model.setup_branch(args.text_len, latent, fps=args.fps)
     t0 = time.perf_counter()
     model.text_pass(ids, branch)
@@ -173,7 +174,8 @@ def main() -> None:
     ts = torch.tensor(float(timestep), device=dev)
     eager_out = None
     with torch.no_grad():
-        for mode in args.ours.split(","):
+        for gqa, mode in [(g, m) for g in args.gqa.split(",") for m in args.ours.split(",")]:
+            model.set_attention_backend(args.attn, gqa=gqa)
             compile_s = 0.0
             graph = None
             per_call_branches = 1
@@ -194,7 +196,9 @@ def main() -> None:
                 graph, static_out = capture_cuda_graph(lambda: model(latents, ts, branch))
                 sync()
                 compile_s = time.perf_counter() - t0
-            elif mode != "eager":
+            elif mode == "eager":
+                recompile(model, "eager", "blocks")
+            else:
                 scope, _, cmode = mode.partition("_")
                 recompile(model, cmode or "default", scope)
                 t0 = time.perf_counter()
@@ -213,7 +217,7 @@ def main() -> None:
             if eager_out is None:
                 eager_out = out
             med = statistics.median(times) / per_call_branches  # seconds per CFG branch
-            row = {"impl": f"ours {mode} ({args.attn}{', expand_kv' if args.expand_kv else ''})", "median_s": med,
+            row = {"impl": f"ours {mode} ({args.attn}, gqa {gqa})", "median_s": med,
                    "compile_s": compile_s, "tflops": total_tflop / med, "psnr_vs_ours_eager": psnr(out, eager_out)}
             if ref_out is not None:
                 row["psnr_vs_diffusers_eager"] = psnr(out, ref_out)

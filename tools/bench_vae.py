@@ -37,20 +37,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cosmos3_compiled.checkpoint_io import assign_strict  # noqa: E402
+from cosmos3_compiled.compile import apply_compile_vae  # noqa: E402
 from cosmos3_compiled.progress import set_progress_enabled  # noqa: E402
 from cosmos3_compiled.vae import VAEConfig, WanVAE, build_vae, wan22_config  # noqa: E402
 
 WAN22 = wan22_config()
 # A mode is `eager` or `compiled`, plus any of: `_cl` (channels_last_3d), `_chunk` (whole-chunk tail
 # instead of frame-by-frame, see WanVAE.frame_tail), `_subpixel` (WanVAE.apply_subpixel_upsample),
-# `_autotune` (compiled with max-autotune-no-cudagraphs).
-MODE_FLAGS = ("cl", "chunk", "subpixel", "autotune")
+# `_autotune` (compiled with max-autotune-no-cudagraphs), `_exact` (compiled with inductor's
+# emulate_precision_casts: intermediates rounded to bf16 where eager rounds them).
+MODE_FLAGS = ("cl", "chunk", "subpixel", "autotune", "exact")
 
 
 def parse_mode(mode: str) -> tuple[str, set[str]]:
     base, *flags = mode.split("_")
-    if base not in ("eager", "compiled") or not set(flags) <= set(MODE_FLAGS) or ("autotune" in flags and base != "compiled"):
-        sys.exit(f"bad --ours mode {mode!r}: eager|compiled + any of _cl, _chunk, _subpixel (_autotune when compiled)")
+    compiled_only = set(flags) & {"autotune", "exact"}
+    if base not in ("eager", "compiled") or not set(flags) <= set(MODE_FLAGS) or (compiled_only and base != "compiled"):
+        sys.exit(f"bad --ours mode {mode!r}: eager|compiled + any of _cl, _chunk, _subpixel "
+                 "(_autotune, _exact when compiled)")
     return base, set(flags)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -83,12 +87,6 @@ def ours_from(ref, cfg: dict, dtype: torch.dtype, channels_last: bool) -> WanVAE
     assign_strict(vae, state, dtype, ignore=ignore, where="random weights")
     vae.eval().requires_grad_(False)
     return vae.apply_channels_last_3d() if channels_last else vae
-
-
-def compile_chunks(vae: WanVAE, mode: str | None) -> None:
-    """What cosmos3_compiled/compile.py is expected to do for the VAE: compile every chunk unit."""
-    for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail"):
-        setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, mode=mode))
 
 
 def decoder_flops(vae_cfg: dict, latent_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[float, float]:
@@ -213,7 +211,8 @@ def main() -> None:
         "--ours",
         default="eager,eager_cl,compiled_cl,compiled_cl_subpixel",
         help="comma list of modes: eager|compiled + optional _cl (channels_last_3d), _chunk (whole-chunk tail), "
-        "_subpixel (upsample convs folded to 2x2), _autotune (compiled, max-autotune-no-cudagraphs)",
+        "_subpixel (upsample convs folded to 2x2), _autotune (compiled, max-autotune-no-cudagraphs), "
+        "_exact (compiled, intermediates rounded as in eager)",
     )
     ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (the first also compiles)")
@@ -276,7 +275,8 @@ def main() -> None:
                 vae.apply_subpixel_upsample()
             if base == "compiled":
                 torch.compiler.reset()
-                compile_chunks(vae, "max-autotune-no-cudagraphs" if "autotune" in flags else None)
+                apply_compile_vae(vae, "max_autotune_no_cudagraphs" if "autotune" in flags else "default",
+                                  emulate_casts="exact" in flags)
             results[mode], video = measure(lambda: vae.decode_frames(z), device, args.warmup, args.iters)
             if "diffusers" in videos:
                 results[mode]["vs_diffusers"] = compare(video, videos["diffusers"])
