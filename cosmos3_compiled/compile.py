@@ -140,17 +140,21 @@ def apply_compile_text(model, mode: str) -> None:
         layer.text_forward = torch.compile(layer.text_forward, fullgraph=True, dynamic=False, mode=MODES[mode])
 
 
-def apply_compile_vae(vae, mode: str, emulate_casts: bool = False) -> None:
+def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts: bool = True) -> None:
     """Compile the VAE's per-chunk decoder bodies (fullgraph); "eager" leaves them alone.
 
-    emulate_casts: inductor rounds every intermediate to the tensor dtype exactly where eager would
+    channels_last: lay the decoder out channels_last_3d first (pays only compiled: H100 720p bf16 decode
+    2.77 s vs 4.36 s eager; eager channels_last is slower, 4.65 s).
+    emulate_casts: inductor rounds every intermediate to the tensor dtype where eager would
     (`emulate_precision_casts`) instead of keeping fused elementwise chains in fp32, so a bf16 compiled
-    decode tracks the eager one more closely.
+    decode tracks the eager one: 49.9 dB vs 48.3 dB without (docs/benchmarks/wan22_vae_h100_20261126.md).
     """
     if mode == "eager":
         return
     if mode not in MODES or MODES[mode] is None:
         raise ValueError(f"unknown VAE compile mode {mode!r}; choose eager or one of {', '.join(MODES)}")
+    if channels_last:
+        vae.apply_channels_last_3d()
     options = {"emulate_precision_casts": True} if emulate_casts else None
     for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail"):
         if not hasattr(vae, name):

@@ -34,6 +34,14 @@ def test_cpu_mode_compile_contract(mode, eager_frames, tmp_path):
     assert (frames - eager_frames).abs().max().item() < 1e-3
 
 
+def test_compiled_vae_matches_eager_decode(eager_frames, tmp_path):
+    """compile.vae=default: channels_last_3d decoder, inductor chunk bodies with eager-like rounding."""
+    state = generate(compose_generate(SMALL + ["compile=eager", "compile.vae=default"]), tmp_path)
+    frames = load_file(str(tmp_path / "frames.safetensors"))["frames"]
+    assert state.metrics["seconds"]["decode"] > 0
+    assert (frames - eager_frames).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("mode", ["cudagraph", "reduce_overhead", "max_autotune"])
 def test_cuda_graph_modes_need_cuda(mode, tmp_path):
     if torch.cuda.is_available():

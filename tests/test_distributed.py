@@ -205,9 +205,13 @@ def _decode_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     vae = build()
     split = distributed.apply_row_parallel_decode(vae, par)
     got = vae.decode_frames(z)
+    # the layout compile.vae=default uses (channels_last_3d) through the same split
+    vae_cl = build().apply_channels_last_3d()
+    distributed.apply_row_parallel_decode(vae_cl, par)
+    got_cl = vae_cl.decode_frames(z)
     distributed.teardown(par)
     report = {"exact": torch.equal(got, want), "max_abs": (got - want).abs().max().item(), "halo": split.halo,
-              "block": split.block()}
+              "block": split.block(), "max_abs_channels_last": (got_cl - want).abs().max().item()}
     # a whole generation given a different output folder per rank: only rank 0's gets anything
     cfg = compose_generate(["parallel=cfg", "parallel.backend=gloo", "parallel.vae_rows=true", *REQUEST])
     state = generate(cfg, Path(out_dir, f"out{rank}"))
@@ -223,6 +227,7 @@ def test_row_parallel_decode_is_exact_and_only_rank0_writes(tmp_path):
     # tail input 28 rows (7 latent rows × 4): 14 per rank plus an 11-row halo toward the other block
     assert [r["block"] for r in reports] == [[14, 0, 14, 0, 25], [14, 14, 28, 3, 28]]
     assert all(r["exact"] for r in reports), reports  # halo too small by 3 rows shows up only at ~1e-5
+    assert all(r["max_abs_channels_last"] <= 1e-5 for r in reports), reports
     # only global rank 0 writes (rank 1 decoded its rows but wrote nothing, not even its output folder)
     assert reports[0]["outputs"] == ["frames", "metrics", "video"] and reports[1]["outputs"] == []
     assert reports[1]["sha256"] is None and not (tmp_path / "out1").exists()
