@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .state import Components, State
+
+
+log = logging.getLogger(__name__)
 
 
 class Decode:
@@ -16,4 +21,7 @@ class Decode:
     @torch.no_grad()
     def __call__(self, state: State) -> State:
         state.video = self.vae.decode_frames(state.latents)
+        if log.isEnabledFor(logging.DEBUG):  # `hydra.verbose=stages.decode`: compare ranks / runs (one sync)
+            v = state.video.double()
+            log.debug("video: sum %.12e, sum of squares %.12e", v.sum().item(), v.square().sum().item())
         return state

@@ -3,10 +3,10 @@
 # graph), then the launch-bound T2I 640×640 step with max-autotune kernels under our CUDA graph.
 set -u
 export PYTHONUNBUFFERED=1
-start=$(date +%s.%N)
+start=$SECONDS
 python3 -m cosmos3_compiled.cli experiment=nano_t2v_720p output.progress=false hydra.run.dir="$OUT/e2e" \
   2> "$OUT/e2e_stderr.txt" | tail -2
-echo "process wall s: $(echo "$(date +%s.%N) - $start" | bc)"
+echo "process wall s: $((SECONDS - start))"
 tail -3 "$OUT/e2e_stderr.txt"
 python3 -c "
 import json; m = json.load(open('$OUT/e2e/metrics.json'))

@@ -12,7 +12,7 @@ common=(experiment=nano_t2v_720p compile.offload_text_tower=false sampler.num_in
         output.frames=float32 output.video=false output.progress=false)
 run() {  # name nproc overrides...
   local name=$1 n=$2; shift 2
-  local t0=$(date +%s.%N)
+  local t0=$SECONDS
   if [ "$n" = 1 ]; then
     python3 -m cosmos3_compiled.cli "${common[@]}" "$@" hydra.run.dir="$work/$name" > "$OUT/$name.log" 2>&1
   else
@@ -20,7 +20,7 @@ run() {  # name nproc overrides...
       hydra.run.dir="$work/$name" > "$OUT/$name.log" 2>&1
   fi
   local rc=$?
-  echo "$name: rc $rc in $(echo "$(date +%s.%N) - $t0" | bc) s"
+  echo "$name: rc $rc in $((SECONDS - t0)) s (process wall, incl. start-up and the float frames' write)"
   cp "$work/$name/metrics.json" "$OUT/metrics_$name.json" 2>/dev/null || { grep -v -i warn "$OUT/$name.log" | tail -8; }
   return $rc
 }
