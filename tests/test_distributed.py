@@ -312,6 +312,21 @@ def test_torchrun_generation_matches_single_process(layout_name, nproc, vae_rows
                                    "ulysses": degree, "vae_rows": vae_rows}
 
 
+def test_bf16_compiled_cfg_with_row_decode_matches_single_process(tmp_path):
+    """bf16, inductor-compiled layers, CFG-parallel + row-parallel decode: the single-process frames, bit for bit
+    (on the GPU this holds when both runs use the same compiled kernels: docs/distributed.md)."""
+    request = [*REQUEST, "dtype=bfloat16", "compile=default", f"compile.cache_dir={tmp_path / 'cache'}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = generate(compose_generate(request), tmp_path / "single")
+    finally:
+        torch.set_num_threads(threads)
+    proc = _torchrun(2, ["parallel=cfg", "parallel.backend=gloo", "parallel.vae_rows=true", *request], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"sha256 {state.sha256}" in proc.stdout
+
+
 def test_local_launcher_runs_a_job_on_two_processes(single_process_frames, tmp_path):
     """conf/hydra/launcher/local.yaml: a sweep job CFG-parallel over 2 submitit tasks (one job: 2 cores here)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the `cluster` extra")
