@@ -143,7 +143,7 @@ def attention(
     if groups > 1 and gqa == "fold" and not causal:
         qh = q.reshape(k.shape[0], groups * n, d).unsqueeze(0)
         out = _sdpa(qh, k.unsqueeze(0), v.unsqueeze(0), False, backend, False)  # [1, Hkv, groups·N, D]
-        return rearrange(out.view(hq, n, d), "h n d -> n (h d)")
+        return rearrange(out.reshape(hq, n, d), "h n d -> n (h d)")
     kh, vh = k.unsqueeze(0), v.unsqueeze(0)
     if groups > 1 and gqa == "expand":
         kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)  # [1, Hq, M, D]
