@@ -155,22 +155,13 @@ def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts:
         raise ValueError(f"unknown VAE compile mode {mode!r}; choose eager or one of {', '.join(MODES)}")
     if channels_last:
         vae.apply_channels_last_3d()
-    options = {"emulate_precision_casts": True} if emulate_casts else None
+    # torch.compile takes a mode or options, not both: spell the mode out as the options it stands for
+    options = dict(torch._inductor.list_mode_options(MODES[mode]))
+    if emulate_casts:
+        options["emulate_precision_casts"] = True
     for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail"):
-        if not hasattr(vae, name):
-            continue
-        fn = getattr(vae, name)
-        if options is None:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=MODES[mode])
-        else:  # inductor takes either a mode or options
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False, options={**_mode_options(mode), **options})
-        setattr(vae, name, compiled)
-
-
-def _mode_options(mode: str) -> dict:
-    """The inductor settings a torch.compile mode name stands for (to combine with other options)."""
-    name = MODES[mode]
-    return {} if name in (None, "default") else dict(torch._inductor.list_mode_options(name))
+        if hasattr(vae, name):
+            setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, options=options))
 
 
 def make_step_runner(mode: str, step, state: list[torch.Tensor], warmup: int):

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from .state import Components, State
+from .state import Components, State, log_checksum
 
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,5 @@ class Decode:
     @torch.no_grad()
     def __call__(self, state: State) -> State:
         state.video = self.vae.decode_frames(state.latents)
-        if log.isEnabledFor(logging.DEBUG):  # `hydra.verbose=stages.decode`: compare ranks / runs (one sync)
-            v = state.video.double()
-            log.debug("video: sum %.12e, sum of squares %.12e", v.sum().item(), v.square().sum().item())
+        log_checksum(log, "video", state.video)
         return state

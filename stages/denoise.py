@@ -11,7 +11,7 @@ from cosmos3_compiled.compile import compile_counters, make_step_runner
 from cosmos3_compiled.progress import progress
 from cosmos3_compiled.scheduler import unipc_step_
 
-from .state import Components, State
+from .state import Components, State, log_checksum
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ class Denoise:
         if graphs_after_warmup is not None:  # graphs compiled in steady state = recompiles
             state.metrics["steps"]["recompiles_after_warmup"] = compile_counters()["unique_graphs"] - graphs_after_warmup
         state.branches = []  # the K/V buffers are not needed past the last step: free them before decode
-        if log.isEnabledFor(logging.DEBUG):  # `hydra.verbose=stages.denoise`: compare ranks / runs (one sync)
-            log.debug("final latents: sum %.12e, sum of squares %.12e", state.latents.double().sum().item(),
-                      state.latents.double().square().sum().item())
+        log_checksum(log, "final latents", state.latents)
         return state
 
 

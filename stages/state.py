@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,11 @@ class State:
     sha256: str | None = None  # postprocess: of frames_uint8's bytes
     outputs: dict[str, Path] = field(default_factory=dict)  # save
     metrics: dict[str, Any] = field(default_factory=dict)  # every stage: seconds, memory, compile stats
+
+
+def log_checksum(log: logging.Logger, what: str, t: torch.Tensor) -> None:
+    """At DEBUG level (`hydra.verbose=<stage module>`), log t's sum and sum of squares in float64 — a cheap
+    fingerprint to compare ranks or runs (one device sync, and only when the level is on)."""
+    if log.isEnabledFor(logging.DEBUG):
+        d = t.double()
+        log.debug("%s: sum %.12e, sum of squares %.12e", what, d.sum().item(), d.square().sum().item())

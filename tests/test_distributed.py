@@ -286,9 +286,9 @@ def test_torchrun_generation_matches_single_process(layout_name, nproc, vae_rows
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # every rank ends with the same latents (the row-parallel decode relies on it) and the same video
     for what in ("final latents: sum", "video: sum"):
-        lines = {line.split(what, 1)[1] for line in (proc.stdout + proc.stderr).splitlines() if what in line}
-        count = sum(what in line for line in (proc.stdout + proc.stderr).splitlines())
-        assert len(lines) == 1 and count == (nproc if vae_rows or what != "video: sum" else 1), (what, lines, count)
+        found = [line.split(what, 1)[1] for line in (proc.stdout + proc.stderr).splitlines() if what in line]
+        count = nproc if vae_rows or what != "video: sum" else 1
+        assert len(set(found)) == 1 and len(found) == count, (what, found)
     want, want_sha = single_process_frames
     # one run directory, decided on rank 0 and used by every rank; only rank 0 wrote into it
     runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]

@@ -38,8 +38,6 @@ def _layout(metrics: dict) -> tuple[str, int]:
 def _f(x, digits: int = 3) -> str:
     if x is None:
         return "—"
-    if isinstance(x, float) and math.isinf(x):
-        return "identical"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
