@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import ops
+from . import attention_fa4, ops
 from .config import TransformerConfig
 
 _SDPA_BACKENDS = {
@@ -63,14 +63,26 @@ class MLP(nn.Module):
         self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(x))
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before down_proj: silu(gate(x)) · up(x), or relu(up(x))²."""
         if self.act == "relu2":
             act = torch.relu(self.up_proj(x))
-            return self.down_proj(act * act)
+            return act * act
         if self.fused:
             gate, up = self.gate_up(x).split(self.hidden, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
+
+
+def add_linear(h: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """h + linear(x); without a bias, accumulated into h in place (see `ops.add_linear_`). h is consumed."""
+    if linear.bias is not None:
+        return h + linear(x)
+    ops.add_linear_(h, x, linear.weight)
+    return h
 
 
 class Attention(nn.Module):
@@ -140,6 +152,11 @@ def attention(
     """
     hq, n, d = q.shape
     groups = hq // k.shape[0]
+    if backend == "fa4" and not (causal and n != k.shape[1]):  # FA aligns causal masks bottom-right; SDPA top-left
+        out = attention_fa4.fa4_attention(  # token-major views in, token-major [1, N, Hq, D] out: no copies
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), causal
+        )
+        return out.reshape(n, hq * v.shape[-1])
     if groups > 1 and gqa == "fold" and not causal:
         qh = q.reshape(k.shape[0], groups * n, d).unsqueeze(0)
         out = _sdpa(qh, k.unsqueeze(0), v.unsqueeze(0), False, backend, False)  # [1, Hkv, groups·N, D]
@@ -152,7 +169,7 @@ def attention(
 
 
 def _sdpa(q, k, v, causal: bool, backend: str, enable_gqa: bool) -> torch.Tensor:
-    if backend == "auto":
+    if backend in ("auto", "fa4"):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -182,6 +199,7 @@ class Cosmos3Layer(nn.Module):
         self.post_attention_layernorm_moe_gen = RMSNorm(d, eps, style)
         self.attn_backend = "auto"
         self.gqa = "native"  # how grouped KV heads reach SDPA: see `attention`
+        self.fused_qk_rope = False  # video step's q/k norm + RoPE + K/V writes as one Triton kernel (CUDA)
         self.sequence_parallel = None  # distributed.Ulysses under sequence parallelism (apply_sequence_parallel)
 
     def setup_buffers(self) -> None:
@@ -226,9 +244,33 @@ class Cosmos3Layer(nn.Module):
         a, cfg = self.self_attn, self.cfg
         M, B = h.shape[0], len(k_bufs)
         N = M // B
-        qk_heads = a.hq + a.hkv
         x = self.input_layernorm_moe_gen(h)
         qkv = a.gen_qkv(x)  # [M, (Hq + 2·Hkv)·D]
+        if self.fused_qk_rope and self.sequence_parallel is None:  # one Triton pass: norm, RoPE, K/V writes
+            outs = []
+            for b, (k_buf, v_buf) in enumerate(zip(k_bufs, v_bufs)):
+                rows = slice(b * N, (b + 1) * N)
+                q = torch.ops.cosmos3.qk_norm_rope_kv(
+                    qkv[rows], self.gen_qk_norm_weight, cos[rows], sin[rows], k_buf, v_buf, k_buf.shape[1] - N,
+                    cfg.rms_norm_eps, cfg.norm_style == "nemotron", self.attn_backend != "fa4",
+                )
+                outs.append(attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.gqa))
+            out = outs[0] if B == 1 else torch.cat(outs)  # [M, Hq·D]
+        else:
+            out = self._attention_unfused(qkv, k_bufs, v_bufs, cos, sin)
+        h = add_linear(h, out, a.to_add_out)  # the layer's input h is consumed (accumulated in place)
+        mlp = self.mlp_moe_gen
+        return add_linear(h, mlp.activation(self.post_attention_layernorm_moe_gen(h)), mlp.down_proj)
+
+    def _attention_unfused(
+        self, qkv: torch.Tensor, k_bufs: tuple[torch.Tensor, ...], v_bufs: tuple[torch.Tensor, ...], cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """The composable-ops path of `forward`'s attention (q/k norm, RoPE, K/V writes, attention) → [M, Hq·D]."""
+        a, cfg = self.self_attn, self.cfg
+        M, B = qkv.shape[0], len(k_bufs)
+        N = M // B
+        qk_heads = a.hq + a.hkv
         qk = qkv[:, : qk_heads * a.hd].view(M, qk_heads, a.hd)
         qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [M, Hq+Hkv, D]
         if self.sequence_parallel is None:
@@ -237,17 +279,16 @@ class Cosmos3Layer(nn.Module):
             for b, (k_buf, v_buf) in enumerate(zip(k_bufs, v_bufs)):
                 rows = slice(b * N, (b + 1) * N)
                 L = k_buf.shape[1] - N
-                # each branch's queries get their own head-major [Hq, N, D] storage (contiguous for `fold`)
-                q = ops.apply_rope(qk[rows, : a.hq], cos[rows], sin[rows], out=head_major(N, a.hq, a.hd, qk))
+                # each branch's queries get their own storage: head-major [Hq, N, D] for SDPA (contiguous for
+                # `fold`), token-major [N, Hq, D] for fa4 (what its kernel reads fastest)
+                q_out = qk.new_empty((N, a.hq, a.hd)) if self.attn_backend == "fa4" else head_major(N, a.hq, a.hd, qk)
+                q = ops.apply_rope(qk[rows, : a.hq], cos[rows], sin[rows], out=q_out)
                 ops.apply_rope(qk[rows, a.hq :], cos[rows], sin[rows], out=k_buf[:, L:].transpose(0, 1))
                 v_buf[:, L:] = v[rows].transpose(0, 1)
                 outs.append(attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.gqa))
-            out = outs[0] if B == 1 else torch.cat(outs)  # [M, Hq·D]: attention outputs, not K/V
-        else:
-            (k_buf,), (v_buf,) = k_bufs, v_bufs
-            out = self._sequence_parallel_attention(qk, qkv[:, qk_heads * a.hd :], k_buf, v_buf, cos, sin)
-        h = h + a.to_add_out(out)
-        return h + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h))
+            return outs[0] if B == 1 else torch.cat(outs)  # [M, Hq·D]: attention outputs, not K/V
+        (k_buf,), (v_buf,) = k_bufs, v_bufs
+        return self._sequence_parallel_attention(qk, qkv[:, qk_heads * a.hd :], k_buf, v_buf, cos, sin)
 
     def _sequence_parallel_attention(
         self, qk: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor,
@@ -284,7 +325,7 @@ class TimestepEmbedder(nn.Module):
 class Branch:
     """Everything one CFG branch's video step reads, allocated once (`Cosmos3Transformer.setup_branch`).
 
-    k_bufs / v_bufs: per layer `[Hkv, L + N, D]` (head-major, as SDPA reads them); positions [:L] filled by
+    k_bufs / v_bufs: per layer `[Hkv, L + N, D]` (head-major storage for SDPA, token-major for fa4); positions [:L] filled by
     the text pass, positions [L:] by each step.
     cos / sin: video-token RoPE tables `[N, D/2]` (they depend on L through the temporal offset).
     noisy: `[T, 1, 1]` 1.0 for frames being denoised, 0.0 for clean conditioning frames.
@@ -341,14 +382,33 @@ class Cosmos3Transformer(nn.Module):
             layer.setup_buffers()
 
     def set_attention_backend(self, backend: str, gqa: str = "native") -> None:
-        """SDPA backend for both towers ("auto" lets PyTorch choose); gqa: native | expand | fold (see `attention`)."""
-        if backend != "auto" and backend not in _SDPA_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose auto, {', '.join(_SDPA_BACKENDS)}")
+        """Attention backend for both towers: an SDPA backend ("auto" lets PyTorch choose) or "fa4"
+        (FlashAttention-4 kernels, optional package; see attention_fa4); gqa: native | expand | fold (see
+        `attention`; fa4 handles grouped heads natively and ignores it)."""
+        if backend not in ("auto", "fa4") and backend not in _SDPA_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose auto, fa4, {', '.join(_SDPA_BACKENDS)}")
+        if backend == "fa4":
+            attention_fa4.check_available()
         if gqa not in GQA_MODES:
             raise ValueError(f"unknown gqa mode {gqa!r}; choose {', '.join(GQA_MODES)}")
         for layer in self.layers:
             layer.attn_backend = backend
             layer.gqa = gqa
+
+    def set_fused_qk_rope(self, enabled: bool) -> None:
+        """Run the video step's q/k RMSNorm, RoPE and K/V buffer writes as one Triton kernel
+        (`triton_kernels.qk_norm_rope_kv`; CUDA and Triton needed) instead of the composable ops."""
+        if enabled:
+            import importlib.util
+
+            if self.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+                raise RuntimeError("model.fused_qk_rope needs the model on a CUDA device and Triton installed")
+            d = self.cfg.head_dim
+            if d & (d - 1):
+                raise RuntimeError(f"model.fused_qk_rope needs a power-of-two head_dim, got {d}")
+            from . import triton_kernels  # noqa: F401  registers torch.ops.cosmos3.qk_norm_rope_kv
+        for layer in self.layers:
+            layer.fused_qk_rope = enabled
 
     def patch_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         t, h, w = latent_shape
@@ -369,9 +429,17 @@ class Cosmos3Transformer(nn.Module):
         if sp is not None:
             sp.setup_tokens(n)  # ⌈N/deg⌉ tokens per rank (zero-padded when deg does not divide N)
             heads //= sp.degree
-        shape = (heads, text_len + n, cfg.head_dim)
-        k_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
-        v_bufs = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
+        # [Hkv, L + N, D] views; the storage is head-major for SDPA (cuDNN reads it fastest) and token-major
+        # [L + N, Hkv, D] for fa4. Set the attention backend before the branches: it fixes this layout.
+        token_major = self.layers[0].attn_backend == "fa4"
+
+        def kv_buffer() -> torch.Tensor:
+            if token_major:
+                return torch.zeros((text_len + n, heads, cfg.head_dim), device=dev, dtype=dt).transpose(0, 1)
+            return torch.zeros((heads, text_len + n, cfg.head_dim), device=dev, dtype=dt)
+
+        k_bufs = [kv_buffer() for _ in self.layers]
+        v_bufs = [kv_buffer() for _ in self.layers]
         pos = ops.video_positions(
             grid, text_len, fps, float(cfg.base_fps), cfg.unified_3d_mrope_temporal_modality_margin,
             cfg.enable_fps_modulation, temporal_compression,

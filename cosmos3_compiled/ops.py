@@ -104,3 +104,18 @@ def timestep_sinusoid(t: torch.Tensor, channels: int = 256, max_period: float = 
     out[:, :half] = angles.cos()
     out[:, half:] = angles.sin()
     return out  # [B, channels]
+
+
+@torch.library.custom_op("cosmos3::add_linear_", mutates_args={"h"})
+def add_linear_(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """h += x @ weight.T in place: one GEMM that accumulates onto h (cuBLAS beta = 1, no copy of h first).
+
+    `h + linear(x)` compiles to an out-of-place addmm, which copies all of h into a new buffer before the
+    GEMM (one device-to-device copy of the hidden states per residual); as an opaque in-place op the
+    compiler leaves the accumulation where it is."""
+    torch.addmm(h, x, weight.t(), out=h)
+
+
+@add_linear_.register_fake
+def _(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    return None

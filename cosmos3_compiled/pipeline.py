@@ -5,6 +5,7 @@ The one place where components and stages are instantiated; each stage gets only
 
 from __future__ import annotations
 
+import importlib.util
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import attention_fa4
 from .checkpoint_io import CheckpointError, read_json
 from .compile import (
     MODES, CompileSettings, apply_compile, apply_compile_text, apply_compile_vae, compile_counters, setup_compile_cache,
@@ -104,9 +106,28 @@ def check_settings(cfg: DictConfig) -> tuple[torch.device, torch.dtype, torch.dt
         raise RequestError(f"unknown compile mode {cfg.compile.mode!r}; choose one of {', '.join(MODES)}")
     if cfg.compile.mode in ("cudagraph", "reduce_overhead", "max_autotune") and device.type != "cuda":
         raise RequestError(f"compile={cfg.compile.mode} uses CUDA graphs: it needs device=cuda")
+    backend = cfg.model.attention_backend
+    if backend == "fa4":
+        if device.type != "cuda":
+            raise RequestError("model.attention_backend=fa4 needs device=cuda")
+        try:
+            attention_fa4.check_available(device)
+        except RuntimeError as err:
+            raise RequestError(str(err)) from None
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise RequestError("model.attention_backend=fa4 runs 16-bit inputs only: use dtype=bfloat16")
+    if cfg.model.fused_qk_rope and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+        raise RequestError("model.fused_qk_rope=true needs device=cuda and Triton; use null (auto) or false")
     if cfg.checkpoint is None:
         preset(cfg.model.name)
     return device, dtype, vae_dtype
+
+
+def fused_qk_rope_enabled(setting, device: torch.device) -> bool:
+    """model.fused_qk_rope: true / false, or null for on wherever it can run (CUDA with Triton)."""
+    if setting is not None:
+        return bool(setting)
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def _sync(device: torch.device) -> None:
@@ -169,6 +190,7 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         source = str(Path(str(cfg.checkpoint)).resolve())
     scheduler = FlowUniPCScheduler.from_config(sched_raw)
     transformer.set_attention_backend(cfg.model.attention_backend, gqa=_value(cfg.model.gqa))
+    transformer.set_fused_qk_rope(fused_qk_rope_enabled(cfg.model.fused_qk_rope, device))
     if par is not None:
         apply_sequence_parallel(transformer, par.ulysses)
     _sync(device)

@@ -48,6 +48,7 @@ class ModelConfig:
     attention_backend: str = "auto"
     gqa: GQA = GQA.native
     batch_cfg: bool = False
+    fused_qk_rope: Optional[bool] = None
     vae_dtype: Optional[DType] = None
 
 

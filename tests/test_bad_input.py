@@ -151,6 +151,14 @@ def test_cuda_without_a_gpu(no_load, tmp_path):
     fails(["device=cuda"], tmp_path, "device=cuda but no CUDA device is available; use device=cpu")
 
 
+def test_fa4_needs_cuda(no_load, tmp_path):
+    fails(["model.attention_backend=fa4"], tmp_path, "model.attention_backend=fa4 needs device=cuda")
+
+
+def test_fused_qk_rope_forced_on_cpu(no_load, tmp_path):
+    fails(["model.fused_qk_rope=true"], tmp_path, "model.fused_qk_rope=true needs device=cuda and Triton")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 

@@ -77,3 +77,32 @@ def test_batched_cfg_step_fullgraph_no_recompiles(gqa):
                 for g, b in zip(got, be):
                     want = eager(latents, torch.tensor(t), b)
                     assert (g - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_fa4_op_compiles_fullgraph_without_recompiles(monkeypatch):
+    """The fa4 backend reaches the compiler as one custom op (fake impl for shapes): no graph break."""
+    from cosmos3_compiled import attention_fa4
+
+    def cpu_kernel(q, k, v, causal):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
+    attention_fa4.fa4_attention.register_kernel("cpu", cpu_kernel)
+    monkeypatch.setattr(attention_fa4, "check_available", lambda device=None: None)
+    latent_shape = (2, 3, 4)
+    eager = build_random(preset("debug"), seed=8)
+    compiled = build_random(preset("debug"), seed=8)
+    compiled.set_attention_backend("fa4")
+    apply_compile(compiled, CompileSettings(mode="default", scope="blocks", fullgraph=True))
+    be, bc = _branches(eager, latent_shape), _branches(compiled, latent_shape)
+    latents = torch.randn(1, 48, *latent_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for b in bc:
+            compiled(latents, torch.tensor(999.0), b)
+        with torch.compiler.set_stance("fail_on_recompile"), torch._dynamo.config.patch(error_on_recompile=True):
+            for t in (700.0, 40.0):
+                for e, c in zip(be, bc):
+                    want = eager(latents, torch.tensor(t), e)
+                    got = compiled(latents, torch.tensor(t), c)
+                    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()

@@ -81,3 +81,43 @@ def test_unknown_attention_backend_is_rejected(checkpoints):
         ours.set_attention_backend("flash3")
     with pytest.raises(ValueError, match="unknown gqa mode"):
         ours.set_attention_backend("math", gqa="repeat")
+
+
+@pytest.fixture
+def fa4_on_cpu(monkeypatch):
+    """Stand in for the FlashAttention-4 kernel on the CPU (token-major in, token-major out, native GQA) so the
+    layout handling around the `cosmos3::fa4_attention` op is checked here; the kernel itself is GPU-only."""
+    from cosmos3_compiled import attention_fa4
+
+    def cpu_kernel(q, k, v, causal):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
+    attention_fa4.fa4_attention.register_kernel("cpu", cpu_kernel)
+    monkeypatch.setattr(attention_fa4, "check_available", lambda device=None: None)
+
+
+def test_fa4_backend_layouts_keep_parity(fa4_on_cpu, checkpoints):
+    ref, folder = checkpoints["gqa3_fps24"]
+    _, (t, h, w), fps, _ = CASES["gqa3_fps24"]
+    ours = load_transformer(folder, dtype=torch.float32)
+    ours.set_attention_backend("fa4")
+    ids = torch.arange(9) * 5
+    latents = torch.randn(1, 48, t, h, w, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference_velocity(ref, ids.tolist(), latents, 321, fps)
+        branch = ours.setup_branch(9, (t, h, w), fps=fps)
+        ours.text_pass(ids, branch)
+        got = ours.video_step(latents, torch.tensor(321.0), branch)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_fa4_backend_needs_its_package(checkpoints, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("flash_attn") else real(name, *a))
+    ours = load_transformer(checkpoints["gqa3_fps24"][1], dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        ours.set_attention_backend("fa4")

@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--fa4", action="store_true", help="also time FlashAttention-4 (needs flash-attn-4)")
     args = ap.parse_args()
     n, m, hq, hkv, d = args.n, args.n + args.text, args.hq, args.hkv, args.d
     flop = 4 * n * m * hq * d
@@ -56,6 +57,21 @@ def main():
                     print(f"| {bname} | {lname} | {gqa} | {t*1e3:.2f} | {flop / t / 1e12:.0f} |")
                 except RuntimeError as err:
                     print(f"| {bname} | {lname} | {gqa} | failed: {str(err)[:60]} | |")
+    if args.fa4:  # FlashAttention-4 kernels (optional package), native GQA, fed the same storage as views
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from cosmos3_compiled.attention_fa4 import check_available, fa4_attention
+
+        check_available()
+        ref = None
+        for lname, (q, k, v) in layouts.items():
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [1, L, H, D] views
+            t = bench(lambda: fa4_attention(qt, kt, vt, False))
+            out = fa4_attention(qt, kt, vt, False).transpose(1, 2)
+            if ref is None:
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            err = (out.float() - ref.float()).abs().max().item()
+            print(f"| FA4 (flash-attn-4) | {lname} | native | {t*1e3:.2f} | {flop / t / 1e12:.0f} | max abs vs cuDNN {err:.2e}")
 
 
 if __name__ == "__main__":

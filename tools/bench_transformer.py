@@ -80,9 +80,11 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=24.0)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--attn", default="cudnn", help="SDPA backend for ours: auto|cudnn|flash|efficient|math")
+    ap.add_argument("--attn", default="cudnn", help="comma list of attention backends for ours: auto|cudnn|flash|efficient|math|fa4")
     ap.add_argument("--gqa", default="native",
                     help="comma list of GQA handlings to run every 'ours' mode with: native, expand, fold (see model.attention)")
+    ap.add_argument("--fused-qk", default="0",
+                    help="comma list of 0/1: video step's q/k norm + RoPE + K/V writes as one Triton kernel (1)")
     ap.add_argument("--ours", default="eager,blocks,cudagraph",
                     help="comma list of: eager, blocks, full, blocks_<compile mode>, cudagraph[:<compile mode>] "
                          "(regional compile, then one CUDA graph of the whole step), cudagraph_batched (both CFG branches "
@@ -165,7 +167,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     model.setup_buffers()
-    model.set_attention_backend(args.attn)
+    model.set_attention_backend(args.attn.split(",")[0])
     branch = model.setup_branch(args.text_len, latent, fps=args.fps)
     t0 = time.perf_counter()
     model.text_pass(ids, branch)
@@ -174,8 +176,14 @@ def main() -> None:
     ts = torch.tensor(float(timestep), device=dev)
     eager_out = None
     with torch.no_grad():
-        for gqa, mode in [(g, m) for g in args.gqa.split(",") for m in args.ours.split(",")]:
-            model.set_attention_backend(args.attn, gqa=gqa)
+        for attn, fused, gqa, mode in [(a, f, g, m) for a in args.attn.split(",") for f in args.fused_qk.split(",")
+                                       for g in args.gqa.split(",") for m in args.ours.split(",")]:
+            model.set_fused_qk_rope(fused == "1")
+            if attn != model.layers[0].attn_backend:  # the backend fixes the K/V buffer layout: new branch
+                model.set_attention_backend(attn, gqa=gqa)
+                branch = model.setup_branch(args.text_len, latent, fps=args.fps)
+                model.text_pass(ids, branch)
+            model.set_attention_backend(attn, gqa=gqa)
             compile_s = 0.0
             graph = None
             per_call_branches = 1
@@ -217,7 +225,7 @@ def main() -> None:
             if eager_out is None:
                 eager_out = out
             med = statistics.median(times) / per_call_branches  # seconds per CFG branch
-            row = {"impl": f"ours {mode} ({args.attn}, gqa {gqa})", "median_s": med,
+            row = {"impl": f"ours {mode} ({attn}, gqa {gqa}{', fused qk' if fused == '1' else ''})", "median_s": med,
                    "compile_s": compile_s, "tflops": total_tflop / med, "psnr_vs_ours_eager": psnr(out, eager_out)}
             if ref_out is not None:
                 row["psnr_vs_diffusers_eager"] = psnr(out, ref_out)

@@ -1,0 +1,94 @@
+"""GPU-only: the fused q/k norm + RoPE + K/V-write Triton kernel against the composable ops it replaces,
+eager and inside a fullgraph compile (skipped without CUDA)."""
+
+import pytest
+import torch
+
+from cosmos3_compiled import ops
+from cosmos3_compiled.checkpoint import build_random
+from cosmos3_compiled.compile import CompileSettings, apply_compile
+from cosmos3_compiled.config import preset
+
+pytestmark = pytest.mark.gpu
+
+
+def _reference(qkv, weight, cos, sin, k_buf, v_buf, start, eps, style, hq):
+    hkv, _, d = k_buf.shape
+    n = qkv.shape[0]
+    qk = ops.apply_qk_norm(qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d), weight, eps, style)
+    q = ops.apply_rope(qk[:, :hq], cos, sin)
+    k_buf[:, start:] = ops.apply_rope(qk[:, hq:], cos, sin).transpose(0, 1)
+    v_buf[:, start:] = qkv[:, (hq + hkv) * d :].view(n, hkv, d).transpose(0, 1)
+    return q
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", ["standard", "nemotron"])
+@pytest.mark.parametrize("token_major_kv", [False, True])
+@pytest.mark.parametrize("q_head_major", [False, True])
+def test_qk_norm_rope_kv_matches_ops(dtype, style, token_major_kv, q_head_major):
+    from cosmos3_compiled import triton_kernels
+
+    torch.manual_seed(0)
+    dev, hq, hkv, d, n, text = "cuda", 6, 2, 32, 37, 5
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, device=dev, dtype=dtype) * 3
+    weight = (1 + 0.3 * torch.randn(hq + hkv, d, device=dev)).to(dtype)
+    ang = (torch.rand(d // 2, n, device=dev) * 6).t()  # [N, D/2] with transposed strides, as mrope_tables makes
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def bufs():
+        shape = (text + n, hkv, d) if token_major_kv else (hkv, text + n, d)
+        k = torch.randn(shape, device=dev, dtype=dtype)
+        v = torch.randn(shape, device=dev, dtype=dtype)
+        return (k.transpose(0, 1), v.transpose(0, 1)) if token_major_kv else (k, v)
+
+    k_ref, v_ref = bufs()
+    k_got, v_got = k_ref.clone(), v_ref.clone()  # same contents; clone keeps the layout
+    q_ref = _reference(qkv, weight, cos, sin, k_ref, v_ref, text, 1e-6, style, hq)
+    q_got = triton_kernels.qk_norm_rope_kv(qkv, weight, cos, sin, k_got, v_got, text, 1e-6, style == "nemotron",
+                                           q_head_major)
+    assert q_got.shape == (n, hq, d)
+    assert q_got.transpose(0, 1).is_contiguous() == q_head_major
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding here vs one per op in eager
+    torch.testing.assert_close(q_got, q_ref, atol=tol * 4, rtol=tol)
+    torch.testing.assert_close(k_got, k_ref, atol=tol * 4, rtol=tol)
+    assert torch.equal(v_got, v_ref)  # values are copied, not computed
+    assert torch.equal(k_got[:, :text], k_ref[:, :text])  # text rows untouched
+
+
+@pytest.mark.parametrize("backend", ["auto", "fa4"])
+def test_fused_step_compiles_fullgraph_and_matches(backend):
+    if backend == "fa4":
+        from cosmos3_compiled import attention_fa4
+
+        try:
+            attention_fa4.check_available()
+        except RuntimeError as err:
+            pytest.skip(str(err))
+    latent_shape = (2, 6, 8)
+    dtype = torch.bfloat16 if backend == "fa4" else torch.float32  # the FA4 kernels take 16-bit inputs only
+    tol = 2e-2 if backend == "fa4" else 1e-4
+    ref = build_random(preset("debug"), seed=3, dtype=dtype, device=torch.device("cuda"))
+    fused = build_random(preset("debug"), seed=3, dtype=dtype, device=torch.device("cuda"))
+    for m in (ref, fused):
+        m.setup_buffers()
+        m.set_attention_backend(backend)
+    fused.set_fused_qk_rope(True)
+    apply_compile(fused, CompileSettings(mode="default", scope="blocks", fullgraph=True))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, ref.cfg.vocab_size, (11,), generator=gen)
+    latents = torch.randn(1, 48, *latent_shape, generator=gen).cuda()
+    branches = []
+    for m in (ref, fused):
+        b = m.setup_branch(11, latent_shape, fps=16.0)
+        m.text_pass(ids, b)
+        branches.append(b)
+    with torch.no_grad():
+        fused(latents, torch.tensor(999.0, device="cuda"), branches[1])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for t in (700.0, 30.0):
+                want = ref(latents, torch.tensor(t, device="cuda"), branches[0])
+                got = fused(latents, torch.tensor(t, device="cuda"), branches[1])
+                assert (got - want).abs().max().item() <= tol * want.abs().max().item()
+                for kr, kf in zip(branches[0].k_bufs, branches[1].k_bufs):
+                    torch.testing.assert_close(kf.float(), kr.float(), atol=tol * 4, rtol=tol)
