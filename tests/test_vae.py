@@ -71,7 +71,7 @@ def _stats(ref, dtype=torch.float32):
 def _reference_decode(ref, latent: torch.Tensor) -> torch.Tensor:
     """The Cosmos3 pipeline's decode path: z / (1/std) + mean in the VAE dtype, then vae.decode."""
     dtype = ref.dtype
-    mean, inv_std = _stats(ref, dtype)
+    mean, inv_std = (x.to(latent.device) for x in _stats(ref, dtype))
     with torch.no_grad():
         return ref.decode(latent.to(dtype) / inv_std + mean).sample
 
@@ -314,3 +314,4 @@ def test_cuda_decode_and_compiled_units_match_diffusers(folder, channels_last):
         assert (eager - expected).abs().max().item() <= 1e-4
         compiled = _compiled_decode(vae, latent, "inductor")
     assert (compiled - eager).abs().max().item() <= 1e-4
+
