@@ -8,8 +8,8 @@ The kernel is exposed to the compiler as one custom op (`cosmos3::fa4_attention`
 implementation, so a `fullgraph=True` compile sees a single opaque node instead of tracing into the DSL
 launcher; CUDA-graph capture works once the kernel has been JIT-compiled by a warm-up call.
 
-Install: `pip install flash-attn-4` (a pre-release at the time of writing; `--pre`). Nothing here imports it
-until the backend is selected.
+Install: `pip install -e ".[fa4]"` (flash-attn-4 4.0.0b36, a pre-release; add `nvidia-cutlass-dsl[cu13]` for a
+CUDA 13 build of torch). Nothing here imports it until the backend is selected.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def check_available(device: torch.device | None = None) -> None:
     """Raise a clear error when the fa4 backend cannot run here (checked once, before any heavy work)."""
     if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
         raise RuntimeError(
-            "attention backend 'fa4' needs the flash-attn-4 package (pip install --pre flash-attn-4); "
+            "attention backend 'fa4' needs the flash-attn-4 package (pip install -e '.[fa4]'); "
             "choose model.attention_backend=cudnn or auto otherwise"
         )
     if not torch.cuda.is_available():
