@@ -52,6 +52,10 @@ def apply_compile(model: torch.nn.Module, settings: CompileSettings) -> torch.nn
     torch._dynamo.config.recompile_limit = settings.recompile_limit
     apply_inductor_flags(settings.inductor)
     kwargs = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic, mode=mode)
+    trees = mode in ("reduce-overhead", "max-autotune")  # inductor's cudagraph trees skip input-mutating graphs
+    for m in model.modules():
+        if hasattr(m, "accumulate_into_input"):
+            m.accumulate_into_input = not trees
     if settings.scope == "blocks":
         repeated = set(getattr(model, "_repeated_blocks", ()))
         blocks = [m for m in model.modules() if type(m).__name__ in repeated]

@@ -200,6 +200,9 @@ class Cosmos3Layer(nn.Module):
         self.attn_backend = "auto"
         self.gqa = "native"  # how grouped KV heads reach SDPA: see `attention`
         self.fused_qk_rope = False  # video step's q/k norm + RoPE + K/V writes as one Triton kernel (CUDA)
+        # The attention residual accumulates into the layer's input in place (no copy of h); compile modes whose
+        # CUDA graphs (inductor's cudagraph trees) refuse graphs that mutate an input turn this off.
+        self.accumulate_into_input = True
         self.sequence_parallel = None  # distributed.Ulysses under sequence parallelism (apply_sequence_parallel)
 
     def setup_buffers(self) -> None:
@@ -258,7 +261,10 @@ class Cosmos3Layer(nn.Module):
             out = outs[0] if B == 1 else torch.cat(outs)  # [M, Hq·D]
         else:
             out = self._attention_unfused(qkv, k_bufs, v_bufs, cos, sin)
-        h = add_linear(h, out, a.to_add_out)  # the layer's input h is consumed (accumulated in place)
+        if self.accumulate_into_input:  # the layer's input h is consumed (accumulated in place)
+            h = add_linear(h, out, a.to_add_out)
+        else:
+            h = h + a.to_add_out(out)
         mlp = self.mlp_moe_gen
         return add_linear(h, mlp.activation(self.post_attention_layernorm_moe_gen(h)), mlp.down_proj)
 

@@ -106,3 +106,20 @@ def test_fa4_op_compiles_fullgraph_without_recompiles(monkeypatch):
                     want = eager(latents, torch.tensor(t), e)
                     got = compiled(latents, torch.tensor(t), c)
                     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_residual_accumulation_modes_agree():
+    """The in-place residual (no copy of h) and the plain `h + linear(x)` give the same step; compile modes
+    that use inductor's cudagraph trees (which skip graphs that mutate an input) get the plain one."""
+    model = build_random(preset("debug"), seed=9)
+    (b,) = _branches(model, (2, 3, 4))[:1]
+    latents = torch.randn(1, 48, 2, 3, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        inplace = model(latents, torch.tensor(400.0), b)
+        for layer in model.layers:
+            layer.accumulate_into_input = False
+        plain = model(latents, torch.tensor(400.0), b)
+    assert (inplace - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
+    for mode, expected in (("reduce_overhead", False), ("max_autotune", False), ("default", True)):
+        apply_compile(model, CompileSettings(mode=mode, scope="blocks"))
+        assert all(layer.accumulate_into_input is expected for layer in model.layers), mode
