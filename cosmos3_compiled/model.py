@@ -331,8 +331,8 @@ class TimestepEmbedder(nn.Module):
 class Branch:
     """Everything one CFG branch's video step reads, allocated once (`Cosmos3Transformer.setup_branch`).
 
-    k_bufs / v_bufs: per layer `[Hkv, L + N, D]` (head-major storage for SDPA, token-major for fa4); positions [:L] filled by
-    the text pass, positions [L:] by each step.
+    k_bufs / v_bufs: per layer `[Hkv, L + N, D]` views (head-major storage for SDPA, token-major for fa4);
+    positions [:L] filled by the text pass, positions [L:] by each step.
     cos / sin: video-token RoPE tables `[N, D/2]` (they depend on L through the temporal offset).
     noisy: `[T, 1, 1]` 1.0 for frames being denoised, 0.0 for clean conditioning frames.
     """

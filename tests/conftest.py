@@ -16,3 +16,19 @@ def _reset_dynamo():
     torch.compiler.reset()
     yield
     torch.compiler.reset()
+
+
+@pytest.fixture
+def fa4_on_cpu(monkeypatch):
+    """Stand in for the FlashAttention-4 kernel on the CPU (token-major in and out, native GQA, SDPA maths) so
+    the layout handling and the compiler's view of the `cosmos3::fa4_attention` op are tested here; the
+    kernel itself is GPU-only (tests/test_gpu_kernels.py)."""
+    from cosmos3_compiled import attention_fa4
+
+    def cpu_kernel(q, k, v, causal):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
+    attention_fa4.fa4_attention.register_kernel("cpu", cpu_kernel)
+    monkeypatch.setattr(attention_fa4, "check_available", lambda device=None: None)

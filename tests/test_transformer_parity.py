@@ -83,21 +83,6 @@ def test_unknown_attention_backend_is_rejected(checkpoints):
         ours.set_attention_backend("math", gqa="repeat")
 
 
-@pytest.fixture
-def fa4_on_cpu(monkeypatch):
-    """Stand in for the FlashAttention-4 kernel on the CPU (token-major in, token-major out, native GQA) so the
-    layout handling around the `cosmos3::fa4_attention` op is checked here; the kernel itself is GPU-only."""
-    from cosmos3_compiled import attention_fa4
-
-    def cpu_kernel(q, k, v, causal):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True)
-        return out.transpose(1, 2).contiguous()
-
-    attention_fa4.fa4_attention.register_kernel("cpu", cpu_kernel)
-    monkeypatch.setattr(attention_fa4, "check_available", lambda device=None: None)
-
-
 def test_fa4_backend_layouts_keep_parity(fa4_on_cpu, checkpoints):
     ref, folder = checkpoints["gqa3_fps24"]
     _, (t, h, w), fps, _ = CASES["gqa3_fps24"]
