@@ -327,6 +327,51 @@ class TimestepEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(ops.timestep_sinusoid(t_scaled).to(w.dtype))))
 
 
+class _TextWeightStreamer:
+    """Brings an offloaded text tower's weights to the GPU one layer at a time for the text pass: while layer i
+    computes, layer i + 1's host-to-device copies run on a side stream (pinned memory, so they overlap), and
+    at most two layers' weights are resident. On a CPU-only model the copies are plain, in order."""
+
+    def __init__(self, model: "Cosmos3Transformer", dev: torch.device):
+        self.params = [model._text_params(f"layers.{i}.") for i in range(len(model.layers))]
+        self.dev = dev
+        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self.host: list[torch.Tensor] = []
+
+    def _fetch(self, i: int) -> None:
+        if i >= len(self.params) or i in self.pending:
+            return
+        if self.stream is None:
+            self.pending[i] = ([p.data.to(self.dev) for p in self.params[i]], None)
+            return
+        with torch.cuda.stream(self.stream):
+            data = [p.data.to(self.dev, non_blocking=True) for p in self.params[i]]
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.pending[i] = (data, done)
+
+    def enter(self, i: int) -> None:
+        """Layer i's weights on the device (waiting for their copies), and layer i + 1's copies started."""
+        self._fetch(i)
+        data, done = self.pending.pop(i)
+        if done is not None:
+            compute = torch.cuda.current_stream(self.dev)
+            compute.wait_event(done)
+            for t in data:
+                t.record_stream(compute)  # allocated on the side stream, used on this one
+        self.host = [p.data for p in self.params[i]]
+        for p, t in zip(self.params[i], data):
+            p.data = t
+        self._fetch(i + 1)
+
+    def leave(self, i: int) -> None:
+        """Layer i's parameters point at host memory again (the device copies are freed once used)."""
+        for p, h in zip(self.params[i], self.host):
+            p.data = h
+        self.host = []
+
+
 @dataclass
 class Branch:
     """Everything one CFG branch's video step reads, allocated once (`Cosmos3Transformer.setup_branch`).
@@ -482,14 +527,22 @@ class Cosmos3Transformer(nn.Module):
     def text_offloaded(self) -> bool:
         return self.embed_tokens.weight.device != self.device
 
-    def offload_text_tower(self) -> None:
-        """Keep the text tower's weights in (pinned) host memory; `text_pass` streams them in one layer at a
-        time, so the GPU holds the video tower, the K/V buffers and at most one text layer."""
-        pin = self.device.type == "cuda"
+    def offload_text_tower(self, pin: bool = False) -> None:
+        """Keep the text tower's weights in host memory; `text_pass` streams them in one layer at a time, so the
+        GPU holds the video tower, the K/V buffers and at most two text layers.
+
+        pin: page-lock them (CUDA only). Measured on an H100 host for Nano (docs/benchmarks): the text pass of
+        both CFG branches 1.3 s instead of 5.4 s, but pinning 14 GB costs 12 s once at load — it pays off from
+        the fourth prompt a process serves (`compile.pin_text_tower`)."""
+        pin = pin and self.device.type == "cuda"
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if self.is_text_param(name) and p.device.type != "cpu":
-                    p.data = p.data.cpu().pin_memory() if pin else p.data.cpu()
+                if not self.is_text_param(name):
+                    continue
+                if p.device.type != "cpu":
+                    p.data = p.data.cpu()
+                if pin and not p.data.is_pinned():
+                    p.data = p.data.pin_memory()
 
     @torch.no_grad()
     def text_pass(self, input_ids: torch.Tensor, branch: Branch) -> None:
@@ -505,6 +558,7 @@ class Cosmos3Transformer(nn.Module):
         h = F.embedding(input_ids.to(emb.device), emb).to(dev)  # [L, d]
         last = len(self.layers) - 1
         sp = self.sequence_parallel
+        streamer = _TextWeightStreamer(self, dev) if self.text_offloaded else None
         for i, layer in enumerate(self.layers):
             if sp is None:
                 k_out, v_out = branch.k_bufs[i][:, :L].transpose(0, 1), branch.v_bufs[i][:, :L].transpose(0, 1)
@@ -512,16 +566,14 @@ class Cosmos3Transformer(nn.Module):
                 full = (cfg.num_key_value_heads, L, cfg.head_dim)
                 k_out = torch.empty(full, device=dev, dtype=self.dtype).transpose(0, 1)  # [L, Hkv, D]
                 v_out = torch.empty(full, device=dev, dtype=self.dtype).transpose(0, 1)
-            streamed = self._text_params(f"layers.{i}.") if self.text_offloaded else []
-            host = [p.data for p in streamed]
-            for p in streamed:
-                p.data = p.data.to(dev, non_blocking=True)
+            if streamer is not None:
+                streamer.enter(i)
             h = layer.text_forward(h, cos, sin, k_out, v_out, last=i == last)
             if sp is not None:
                 branch.k_bufs[i][:, :L] = sp.shard_heads(k_out, dim=1).transpose(0, 1)
                 branch.v_bufs[i][:, :L] = sp.shard_heads(v_out, dim=1).transpose(0, 1)
-            for p, data in zip(streamed, host):
-                p.data = data
+            if streamer is not None:
+                streamer.leave(i)
 
     # ---- video tower: every denoising step -----------------------------------------------------
 

@@ -116,6 +116,8 @@ def check_settings(cfg: DictConfig) -> tuple[torch.device, torch.dtype, torch.dt
             raise RequestError(str(err)) from None
         if dtype not in (torch.float16, torch.bfloat16):
             raise RequestError("model.attention_backend=fa4 runs 16-bit inputs only: use dtype=bfloat16")
+    if cfg.compile.pin_text_tower and not (cfg.compile.offload_text_tower and device.type == "cuda"):
+        raise RequestError("compile.pin_text_tower=true needs compile.offload_text_tower=true and device=cuda")
     if cfg.model.fused_qk_rope and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
         raise RequestError("model.fused_qk_rope=true needs device=cuda and Triton; use null (auto) or false")
     if cfg.checkpoint is None:
@@ -191,6 +193,8 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
     scheduler = FlowUniPCScheduler.from_config(sched_raw)
     transformer.set_attention_backend(cfg.model.attention_backend, gqa=_value(cfg.model.gqa))
     transformer.set_fused_qk_rope(fused_qk_rope_enabled(cfg.model.fused_qk_rope, device))
+    if cfg.compile.pin_text_tower:
+        transformer.offload_text_tower(pin=True)
     if par is not None:
         apply_sequence_parallel(transformer, par.ulysses)
     _sync(device)

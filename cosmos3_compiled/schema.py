@@ -74,6 +74,7 @@ class CompileConfig:
     text_pass: str = "eager"
     cache_dir: Optional[str] = None
     offload_text_tower: bool = False
+    pin_text_tower: bool = False
 
 
 @dataclass

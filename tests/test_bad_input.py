@@ -155,6 +155,10 @@ def test_fa4_needs_cuda(no_load, tmp_path):
     fails(["model.attention_backend=fa4"], tmp_path, "model.attention_backend=fa4 needs device=cuda")
 
 
+def test_pinned_text_tower_needs_offload_on_cuda(no_load, tmp_path):
+    fails(["compile.pin_text_tower=true"], tmp_path, "compile.pin_text_tower=true needs compile.offload_text_tower=true")
+
+
 def test_fused_qk_rope_forced_on_cpu(no_load, tmp_path):
     fails(["model.fused_qk_rope=true"], tmp_path, "model.fused_qk_rope=true needs device=cuda and Triton")
 
