@@ -77,6 +77,13 @@ class MLP(nn.Module):
         return F.silu(gate) * up
 
 
+def fused_qk_rope_supported(device: torch.device) -> bool:
+    """Whether the fused q/k-norm + RoPE + K/V-write kernel (`triton_kernels`) can run on `device`."""
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 def add_linear(h: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """h + linear(x); without a bias, accumulated into h in place (see `ops.add_linear_`). h is consumed."""
     if linear.bias is not None:
@@ -244,23 +251,9 @@ class Cosmos3Layer(nn.Module):
 
         Under sequence parallelism (B = 1) h holds this rank's N/deg tokens and the buffers this rank's
         Hkv/deg heads for all L + N positions: see `_sequence_parallel_attention`."""
-        a, cfg = self.self_attn, self.cfg
-        M, B = h.shape[0], len(k_bufs)
-        N = M // B
-        x = self.input_layernorm_moe_gen(h)
-        qkv = a.gen_qkv(x)  # [M, (Hq + 2·Hkv)·D]
-        if self.fused_qk_rope and self.sequence_parallel is None:  # one Triton pass: norm, RoPE, K/V writes
-            outs = []
-            for b, (k_buf, v_buf) in enumerate(zip(k_bufs, v_bufs)):
-                rows = slice(b * N, (b + 1) * N)
-                q = torch.ops.cosmos3.qk_norm_rope_kv(
-                    qkv[rows], self.gen_qk_norm_weight, cos[rows], sin[rows], k_buf, v_buf, k_buf.shape[1] - N,
-                    cfg.rms_norm_eps, cfg.norm_style == "nemotron", self.attn_backend != "fa4",
-                )
-                outs.append(attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.gqa))
-            out = outs[0] if B == 1 else torch.cat(outs)  # [M, Hq·D]
-        else:
-            out = self._attention_unfused(qkv, k_bufs, v_bufs, cos, sin)
+        a = self.self_attn
+        qkv = a.gen_qkv(self.input_layernorm_moe_gen(h))  # [M, (Hq + 2·Hkv)·D]
+        out = self._attention(qkv, k_bufs, v_bufs, cos, sin)  # [M, Hq·D]
         if self.accumulate_into_input:  # the layer's input h is consumed (accumulated in place)
             h = add_linear(h, out, a.to_add_out)
         else:
@@ -268,33 +261,42 @@ class Cosmos3Layer(nn.Module):
         mlp = self.mlp_moe_gen
         return add_linear(h, mlp.activation(self.post_attention_layernorm_moe_gen(h)), mlp.down_proj)
 
-    def _attention_unfused(
+    def _attention(
         self, qkv: torch.Tensor, k_bufs: tuple[torch.Tensor, ...], v_bufs: tuple[torch.Tensor, ...], cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """The composable-ops path of `forward`'s attention (q/k norm, RoPE, K/V writes, attention) → [M, Hq·D]."""
+        """q/k norm, RoPE, this step's K/V written into each branch's buffers, attention per branch → [M, Hq·D].
+        With `fused_qk_rope` everything before attention is one Triton kernel per branch; otherwise the
+        composable ops, whose queries get their own storage: head-major [Hq, N, D] for SDPA (contiguous for
+        `fold`), token-major [N, Hq, D] for fa4 (what its kernel reads fastest)."""
         a, cfg = self.self_attn, self.cfg
         M, B = qkv.shape[0], len(k_bufs)
         N = M // B
         qk_heads = a.hq + a.hkv
-        qk = qkv[:, : qk_heads * a.hd].view(M, qk_heads, a.hd)
-        qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [M, Hq+Hkv, D]
-        if self.sequence_parallel is None:
+        fused = self.fused_qk_rope and self.sequence_parallel is None
+        if not fused:
+            qk = qkv[:, : qk_heads * a.hd].view(M, qk_heads, a.hd)
+            qk = ops.apply_qk_norm(qk, self.gen_qk_norm_weight, cfg.rms_norm_eps, cfg.norm_style)  # [M, Hq+Hkv, D]
+            if self.sequence_parallel is not None:
+                (k_buf,), (v_buf,) = k_bufs, v_bufs
+                return self._sequence_parallel_attention(qk, qkv[:, qk_heads * a.hd :], k_buf, v_buf, cos, sin)
             v = qkv[:, qk_heads * a.hd :].view(M, a.hkv, a.hd)
-            outs = []
-            for b, (k_buf, v_buf) in enumerate(zip(k_bufs, v_bufs)):
-                rows = slice(b * N, (b + 1) * N)
-                L = k_buf.shape[1] - N
-                # each branch's queries get their own storage: head-major [Hq, N, D] for SDPA (contiguous for
-                # `fold`), token-major [N, Hq, D] for fa4 (what its kernel reads fastest)
+        outs = []
+        for b, (k_buf, v_buf) in enumerate(zip(k_bufs, v_bufs)):
+            rows = slice(b * N, (b + 1) * N)
+            L = k_buf.shape[1] - N
+            if fused:
+                q = torch.ops.cosmos3.qk_norm_rope_kv(
+                    qkv[rows], self.gen_qk_norm_weight, cos[rows], sin[rows], k_buf, v_buf, L,
+                    cfg.rms_norm_eps, cfg.norm_style == "nemotron", self.attn_backend != "fa4",
+                )
+            else:
                 q_out = qk.new_empty((N, a.hq, a.hd)) if self.attn_backend == "fa4" else head_major(N, a.hq, a.hd, qk)
                 q = ops.apply_rope(qk[rows, : a.hq], cos[rows], sin[rows], out=q_out)
                 ops.apply_rope(qk[rows, a.hq :], cos[rows], sin[rows], out=k_buf[:, L:].transpose(0, 1))
                 v_buf[:, L:] = v[rows].transpose(0, 1)
-                outs.append(attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.gqa))
-            return outs[0] if B == 1 else torch.cat(outs)  # [M, Hq·D]: attention outputs, not K/V
-        (k_buf,), (v_buf,) = k_bufs, v_bufs
-        return self._sequence_parallel_attention(qk, qkv[:, qk_heads * a.hd :], k_buf, v_buf, cos, sin)
+            outs.append(attention(q.transpose(0, 1), k_buf, v_buf, False, self.attn_backend, self.gqa))
+        return outs[0] if B == 1 else torch.cat(outs)  # attention outputs (not K/V): one cat for B > 1
 
     def _sequence_parallel_attention(
         self, qk: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor,
@@ -450,9 +452,7 @@ class Cosmos3Transformer(nn.Module):
         """Run the video step's q/k RMSNorm, RoPE and K/V buffer writes as one Triton kernel
         (`triton_kernels.qk_norm_rope_kv`; CUDA and Triton needed) instead of the composable ops."""
         if enabled:
-            import importlib.util
-
-            if self.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+            if not fused_qk_rope_supported(self.device):
                 raise RuntimeError("model.fused_qk_rope needs the model on a CUDA device and Triton installed")
             d = self.cfg.head_dim
             if d & (d - 1):

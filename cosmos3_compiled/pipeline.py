@@ -5,7 +5,6 @@ The one place where components and stages are instantiated; each stage gets only
 
 from __future__ import annotations
 
-import importlib.util
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from .compile import (
 )
 from .components import DTYPES, build_embedded, check_checkpoint_folder, load_checkpoint
 from .config import ConfigError, preset
+from .model import fused_qk_rope_supported
 from .distributed import ParallelError, apply_row_parallel_decode, apply_sequence_parallel, init_parallel, teardown
 from .progress import set_progress_enabled
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, SchedulerConfigError
@@ -118,7 +118,7 @@ def check_settings(cfg: DictConfig) -> tuple[torch.device, torch.dtype, torch.dt
             raise RequestError("model.attention_backend=fa4 runs 16-bit inputs only: use dtype=bfloat16")
     if cfg.compile.pin_text_tower and not (cfg.compile.offload_text_tower and device.type == "cuda"):
         raise RequestError("compile.pin_text_tower=true needs compile.offload_text_tower=true and device=cuda")
-    if cfg.model.fused_qk_rope and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+    if cfg.model.fused_qk_rope and not fused_qk_rope_supported(device):
         raise RequestError("model.fused_qk_rope=true needs device=cuda and Triton; use null (auto) or false")
     if cfg.checkpoint is None:
         preset(cfg.model.name)
@@ -129,7 +129,7 @@ def fused_qk_rope_enabled(setting, device: torch.device) -> bool:
     """model.fused_qk_rope: true / false, or null for on wherever it can run (CUDA with Triton)."""
     if setting is not None:
         return bool(setting)
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return fused_qk_rope_supported(device)
 
 
 def _sync(device: torch.device) -> None:

@@ -79,10 +79,7 @@ def qk_norm_rope_kv(
     n_tok = qkv.shape[0]
     hkv, _, d = k_buf.shape
     hq = weight.shape[0] - hkv
-    if q_head_major:
-        q = qkv.new_empty((hq, n_tok, d)).transpose(0, 1)
-    else:
-        q = qkv.new_empty((n_tok, hq, d))
+    q = _new_queries(qkv, weight, k_buf, q_head_major)
     k_tail, v_tail = k_buf[:, start:].transpose(0, 1), v_buf[:, start:].transpose(0, 1)  # [N, Hkv, D]
     _qk_norm_rope_kv_kernel[(n_tok,)](
         qkv, weight, cos, sin, q, k_tail, v_tail,
@@ -96,8 +93,13 @@ def qk_norm_rope_kv(
 
 @qk_norm_rope_kv.register_fake
 def _(qkv, weight, cos, sin, k_buf, v_buf, start, eps, nemotron, q_head_major):
+    return _new_queries(qkv, weight, k_buf, q_head_major)
+
+
+def _new_queries(qkv: torch.Tensor, weight: torch.Tensor, k_buf: torch.Tensor, head_major: bool) -> torch.Tensor:
+    """The op's output: [N, Hq, D], head-major storage (a transposed [Hq, N, D]) or token-major."""
     n_tok, (hkv, _, d) = qkv.shape[0], k_buf.shape
     hq = weight.shape[0] - hkv
-    if q_head_major:
+    if head_major:
         return qkv.new_empty((hq, n_tok, d)).transpose(0, 1)
     return qkv.new_empty((n_tok, hq, d))

@@ -59,8 +59,11 @@ def test_matches_reference_cond_and_uncond(name, checkpoints):
 
 
 @pytest.mark.parametrize("backend,gqa", [("math", "expand"), ("math", "native"), ("math", "fold"), ("auto", "expand"),
-                                         ("auto", "fold")])
-def test_attention_options_keep_parity(backend, gqa, checkpoints):
+                                         ("auto", "fold"), ("fa4", "native")])
+def test_attention_options_keep_parity(backend, gqa, checkpoints, request):
+    """fa4 runs its CPU stand-in (`fa4_on_cpu`): what is checked is the token-major plumbing around the op."""
+    if backend == "fa4":
+        request.getfixturevalue("fa4_on_cpu")
     ref, folder = checkpoints["gqa3_fps24"]
     _, (t, h, w), fps, clean = CASES["gqa3_fps24"]
     ours = load_transformer(folder, dtype=torch.float32)
@@ -81,21 +84,6 @@ def test_unknown_attention_backend_is_rejected(checkpoints):
         ours.set_attention_backend("flash3")
     with pytest.raises(ValueError, match="unknown gqa mode"):
         ours.set_attention_backend("math", gqa="repeat")
-
-
-def test_fa4_backend_layouts_keep_parity(fa4_on_cpu, checkpoints):
-    ref, folder = checkpoints["gqa3_fps24"]
-    _, (t, h, w), fps, _ = CASES["gqa3_fps24"]
-    ours = load_transformer(folder, dtype=torch.float32)
-    ours.set_attention_backend("fa4")
-    ids = torch.arange(9) * 5
-    latents = torch.randn(1, 48, t, h, w, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expected = reference_velocity(ref, ids.tolist(), latents, 321, fps)
-        branch = ours.setup_branch(9, (t, h, w), fps=fps)
-        ours.text_pass(ids, branch)
-        got = ours.video_step(latents, torch.tensor(321.0), branch)
-    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
 def test_fa4_backend_needs_its_package(checkpoints, monkeypatch):
