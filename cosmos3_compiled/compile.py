@@ -163,7 +163,8 @@ def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts:
     options = dict(torch._inductor.list_mode_options(MODES[mode]))
     if emulate_casts:
         options["emulate_precision_casts"] = True
-    for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail"):
+    for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail", "decoder_stem",
+                 "decoder_first_tile"):
         if hasattr(vae, name):
             setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, options=options))
 

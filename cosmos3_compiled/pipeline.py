@@ -120,6 +120,11 @@ def check_settings(cfg: DictConfig) -> tuple[torch.device, torch.dtype, torch.dt
         raise RequestError("compile.pin_text_tower=true needs compile.offload_text_tower=true and device=cuda")
     if cfg.model.fused_qk_rope and not fused_qk_rope_supported(device):
         raise RequestError("model.fused_qk_rope=true needs device=cuda and Triton; use null (auto) or false")
+    tiles, latent_width = cfg.model.vae_tiles, cfg.width // 16
+    if not 1 <= tiles <= max(1, latent_width):
+        raise RequestError(f"model.vae_tiles={tiles}: use 1 to {latent_width} (the latent width, width/16) strips")
+    if tiles > 1 and cfg.parallel.vae_rows:
+        raise RequestError("model.vae_tiles > 1 and parallel.vae_rows=true are two different decode splits: pick one")
     if cfg.checkpoint is None:
         preset(cfg.model.name)
     return device, dtype, vae_dtype
@@ -207,6 +212,7 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         recompile_limit=cfg.compile.recompile_limit, inductor=dict(cfg.compile.inductor),
     )
     apply_compile(transformer, settings)
+    vae.tiles = cfg.model.vae_tiles
     apply_compile_vae(vae, cfg.compile.vae)
     row_decode = par is not None and cfg.parallel.vae_rows and apply_row_parallel_decode(vae, par) is not None
     if par is not None:

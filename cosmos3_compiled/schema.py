@@ -50,6 +50,7 @@ class ModelConfig:
     batch_cfg: bool = False
     fused_qk_rope: Optional[bool] = None
     vae_dtype: Optional[DType] = None
+    vae_tiles: int = 1
 
 
 @dataclass

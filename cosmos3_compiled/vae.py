@@ -135,14 +135,29 @@ class VAEConfig:
 # --------------------------------------------------------------------------------------------- layers
 
 
-def _rms_norm(x: Tensor, gamma: Tensor, scale: float, dim: int) -> Tensor:
-    """x / ||x||_dim * sqrt(C) * gamma, normalising in fp32 for half types and rounding like the reference."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        xf = x.float()
-        y = xf.div_(torch.linalg.vector_norm(xf, dim=dim, keepdim=True).clamp_min_(_NORM_EPS)).to(x.dtype)
-    else:
-        y = x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(_NORM_EPS)
-    return y.mul_(scale).mul_(gamma)  # two roundings, in the reference's order
+def _channel_bias(bias: Tensor, ndim: int) -> Tensor:
+    """A per-channel bias [C] shaped to broadcast over dim 1 of an ndim-d activation, in fp32."""
+    return bias.float().view(-1, *([1] * (ndim - 2)))
+
+
+def _finish(y: Tensor, *terms: Tensor) -> Tensor:
+    """Sum a bias-free conv output and the given terms in fp32, round once to y's dtype.
+
+    Every conv here runs without its bias; the bias joins the next pointwise step (this, or
+    `_norm_silu`). That is where a compiled graph puts it anyway (inductor peels conv biases into the
+    following kernel), so eager and compiled round at the same points: once per conv output and once per
+    pointwise chain. In fp32 it is the reference's arithmetic; in bf16 it rounds less often than the
+    reference's op-by-op chain, so it is also closer to the fp32 decode (docs/benchmarks/wan22_vae_*).
+    """
+    out = y.float()
+    for t in terms:
+        out = out + t
+    return out.to(y.dtype)
+
+
+def _rms_norm_f32(x: Tensor, gamma: Tensor, scale: float, dim: int) -> Tensor:
+    """x / max(||x||_dim, eps) · sqrt(C) · gamma, in fp32 (x already fp32)."""
+    return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(_NORM_EPS) * scale * gamma.float()
 
 
 class RMSNorm(nn.Module):
@@ -153,12 +168,21 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.empty(dim, *([1] * spatial_dims)))
         self.scale = dim**0.5
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C, T, H, W]
-        return _rms_norm(x, self.gamma, self.scale, dim=1)
+
+def _norm_silu(x: Tensor, norm: RMSNorm, bias: Tensor | None = None) -> Tensor:
+    """silu(norm(x + bias)) over the channels (dim 1), in fp32, rounded once to x's dtype.
+
+    `bias` is the bias of the conv that produced x (see `_finish`).
+    """
+    xf = x.float() if bias is None else x.float() + _channel_bias(bias, x.ndim)
+    return F.silu(_rms_norm_f32(xf, norm.gamma, norm.scale, dim=1)).to(x.dtype)
 
 
 class CausalConv3d(nn.Module):
-    """Conv3d, zero-padded in space and causal in time; kernel-3 layers carry a 2-frame history."""
+    """Conv3d, zero-padded in space and causal in time; kernel-3 layers carry a 2-frame history.
+
+    Both `forward` and `pointwise` return the output *without* the bias; the caller adds `self.bias` in
+    its fp32 epilogue (`_finish`, `_norm_silu`)."""
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1)):
         super().__init__()
@@ -172,9 +196,9 @@ class CausalConv3d(nn.Module):
         """A 1×1×1 conv. Channels-last runs it as a matmul over the (innermost) channels: a 1×1×1 weight
         looks both contiguous and channels-last, and the compiler would settle its input on contiguous."""
         if self.memory_format == torch.channels_last_3d:
-            y = F.linear(x.permute(0, 2, 3, 4, 1), self.weight.flatten(1), self.bias)  # [B, T, H, W, Cout]
+            y = F.linear(x.permute(0, 2, 3, 4, 1), self.weight.flatten(1))  # [B, T, H, W, Cout]
             return y.permute(0, 4, 1, 2, 3)
-        return F.conv3d(x, self.weight, self.bias)
+        return F.conv3d(x, self.weight)
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
         """x: [B, Cin, t, H, W] → [B, Cout, t, H, W]; this layer's history is prev[len(nxt)], appended to nxt.
@@ -195,7 +219,7 @@ class CausalConv3d(nn.Module):
                 xin = torch.cat([hist, x], dim=2)  # [B, Cin, 2 + t, H, W]
             hist.copy_(xin[:, :, -_HISTORY:])
             nxt.append(hist)
-        return F.conv3d(xin, self.weight, self.bias, self.stride, self.spatial_pad)
+        return F.conv3d(xin, self.weight, None, self.stride, self.spatial_pad)
 
 
 class _Slot1(nn.Module):
@@ -229,10 +253,15 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(cin, cout, (1, 1, 1)) if cin != cout else None
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
-        skip = x if self.conv_shortcut is None else self.conv_shortcut.pointwise(x)
-        y = self.conv1(F.silu(self.norm1(x), inplace=True), prev, nxt)
-        y = self.conv2(F.silu(self.norm2(y), inplace=True), prev, nxt)
-        return y.add_(skip)
+        y = self.conv1(_norm_silu(x, self.norm1), prev, nxt)
+        y = self.conv2(_norm_silu(y, self.norm2, self.conv1.bias), prev, nxt)
+        terms = [_channel_bias(self.conv2.bias, y.ndim)]
+        if self.conv_shortcut is None:
+            terms.append(x.float())
+        else:
+            sc = self.conv_shortcut
+            terms += [sc.pointwise(x).float(), _channel_bias(sc.bias, y.ndim)]
+        return _finish(y, *terms)
 
 
 class AttentionBlock(nn.Module):
@@ -247,12 +276,13 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [B, C, T, H, W]
         b, c, t, h, w = x.shape
         tokens = rearrange(x, "b c t h w -> (b t) (h w) c")
-        tokens = _rms_norm(tokens, self.norm.gamma.view(c), self.norm.scale, dim=-1)
-        qkv = F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias)  # [(b t), h w, 3C]
+        normed = _rms_norm_f32(tokens.float(), self.norm.gamma.view(c), self.norm.scale, dim=-1).to(x.dtype)
+        qkv = F.linear(normed, self.to_qkv.weight.flatten(1))  # [(b t), h w, 3C], bias below
+        qkv = (qkv.float() + self.to_qkv.bias.float()).to(x.dtype)
         q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # [(b t), 1, h w, C] each
         y = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        y = F.linear(y, self.proj.weight.flatten(1), self.proj.bias)
-        return x + rearrange(y, "(b t) (h w) c -> b c t h w", b=b, h=h)
+        y = F.linear(y, self.proj.weight.flatten(1)).float() + self.proj.bias.float()
+        return (x.float() + rearrange(y, "(b t) (h w) c -> b c t h w", b=b, h=h)).to(x.dtype)
 
 
 class MidBlock(nn.Module):
@@ -343,11 +373,12 @@ class Encoder(nn.Module):
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, (3, 3, 3))
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
-        x = self.conv_in(x, prev, nxt)
+        x = _finish(self.conv_in(x, prev, nxt), _channel_bias(self.conv_in.bias, x.ndim))
         for block in self.down_blocks:
             x = block(x, prev, nxt)
         x = self.mid_block(x, prev, nxt)
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True), prev, nxt)
+        y = self.conv_out(_norm_silu(x, self.norm_out), prev, nxt)
+        return _finish(y, _channel_bias(self.conv_out.bias, y.ndim))
 
 
 # -------------------------------------------------------------------------------------------- decoder
@@ -384,7 +415,7 @@ def _add_dup_up_(x: Tensor, src: Tensor, ft: int, fs: int, first: bool) -> Tenso
     return x
 
 
-def _subpixel_weights(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+def _subpixel_weights(weight: Tensor) -> Tensor:
     """Fold nearest ×2 upsampling into a 3×3 conv: four 2×2 kernels, one per output parity (a, b).
 
     Output row 2i + a of conv3x3(nearest2x(x)) reads x rows (i-1, i) with taps (w0, w1 + w2) when a = 0
@@ -398,7 +429,7 @@ def _subpixel_weights(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
 
     kernels = [col for row in fold(w, 2) for col in fold(row, 3)]  # (a, b) = (0,0), (0,1), (1,0), (1,1)
-    return torch.cat(kernels, 0).to(weight.dtype), bias.repeat(4)  # [4O, C, 2, 2], [4O]
+    return torch.cat(kernels, 0).to(weight.dtype)  # [4O, C, 2, 2]; the bias is added after (see `_finish`)
 
 
 class Upsample(nn.Module):
@@ -410,17 +441,16 @@ class Upsample(nn.Module):
         self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1)) if temporal else None
         # Set by WanVAE.apply_subpixel_upsample(); derived from the checkpoint, so never saved.
         self.register_buffer("subpixel_weight", None, persistent=False)
-        self.register_buffer("subpixel_bias", None, persistent=False)
 
-    def _upsample_conv(self, f: Tensor) -> Tensor:  # [N, C, H, W] → [N, O, 2H, 2W]
+    def _upsample_conv(self, f: Tensor) -> Tensor:  # [N, C, H, W] → [N, O, 2H, 2W], without the bias
         conv = self.resample.conv
         if self.subpixel_weight is None:
             # Nearest-neighbour copies are exact in any dtype, so no fp32 round trip is needed.
-            return conv(F.interpolate(f, scale_factor=2.0, mode="nearest-exact"))
+            return F.conv2d(F.interpolate(f, scale_factor=2.0, mode="nearest-exact"), conv.weight, None, padding=1)
         n, _, h, w = f.shape
         o = self.subpixel_weight.shape[0] // 4
         # Padding 1 with a 2×2 kernel: parity (a, b) of output pixel (i, j) sits at (i + a, j + b).
-        y = F.conv2d(f, self.subpixel_weight, self.subpixel_bias, padding=1).view(n, 2, 2, o, h + 1, w + 1)
+        y = F.conv2d(f, self.subpixel_weight, None, padding=1).view(n, 2, 2, o, h + 1, w + 1)
         fmt = torch.channels_last if f.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty((n, o, 2 * h, 2 * w), dtype=f.dtype, device=f.device, memory_format=fmt)
         grid = out.view(n, o, h, 2, w, 2)
@@ -437,6 +467,7 @@ class Upsample(nn.Module):
                 nxt.append(z.contiguous(memory_format=self.time_conv.memory_format))
             else:
                 y = self.time_conv(x, prev, nxt)  # [B, 2C, t, H, W]
+                y = _finish(y, _channel_bias(self.time_conv.bias, y.ndim))
                 x = rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
         return _per_frame(x, self._upsample_conv)
 
@@ -456,8 +487,14 @@ class ResidualUpBlock(nn.Module):
             x = resnet(x, prev, nxt)
         if self.upsampler is None:
             return x
-        x = self.upsampler(x, prev, nxt, first)
-        return _add_dup_up_(x, src, self.ft, self.fs, first)
+        y = self.upsampler(x, prev, nxt, first)  # without its bias
+        y = y.float() + _channel_bias(self.upsampler.resample.conv.bias, y.ndim)
+        return _add_dup_up_(y, src, self.ft, self.fs, first).to(src.dtype)
+
+
+def _count_histories(parts: list[nn.Module]) -> int:
+    """Histories the given modules append, in call order (every kernel-3 causal conv, temporal upsampling too)."""
+    return sum(1 for part in parts for m in part.modules() if isinstance(m, CausalConv3d) and m.weight.shape[2] == 3)
 
 
 class Decoder(nn.Module):
@@ -484,27 +521,98 @@ class Decoder(nn.Module):
         temporal = [i for i in range(last) if cfg.temporal_upsample[i]]
         self.tail_start = temporal[-1] + 1 if temporal else 0
         head = [self.conv_in, self.mid_block, *self.up_blocks[: self.tail_start]]
-        # Histories the head appends, in call order (every kernel-3 causal conv, temporal upsampling included).
-        self.head_histories = sum(
-            1 for part in head for m in part.modules() if isinstance(m, CausalConv3d) and m.weight.shape[2] == 3
-        )
+        self.head_histories = _count_histories(head)
+        self.stem_histories = _count_histories([self.conv_in, self.mid_block])
 
-    def head(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
-        """Latent frame → features at the output frame rate, [B, C, 1 or 4, H/2ⁿ, W/2ⁿ]."""
-        x = self.conv_in(x, prev, nxt)
-        x = self.mid_block(x, prev, nxt)
-        for block in self.up_blocks[: self.tail_start]:
-            x = block(x, prev, nxt, first)
+    def stem(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+        """Latent frame → conv_in + mid block (latent resolution; the mid attention is frame-global)."""
+        x = _finish(self.conv_in(x, prev, nxt), _channel_bias(self.conv_in.bias, x.ndim))
+        return self.mid_block(x, prev, nxt)
+
+    def _ups(self, x: Tensor, prev, nxt, first: bool, blocks: range, crops: Crops | None) -> Tensor:
+        for i in blocks:
+            x = self.up_blocks[i](x, prev, nxt, first)
+            if crops is not None:
+                x = _crop_columns(x, crops[i])
         return x
 
-    def tail(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+    def head(
+        self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool,
+        crops: Crops | None = None, stem: bool = True,
+    ) -> Tensor:
+        """Latent frame → features at the output frame rate, [B, C, 1 or 4, H/2ⁿ, W/2ⁿ]. With `stem=False`
+        x is already the stem's output (a column strip of it when `crops` is given, see `column_tiles`)."""
+        if stem:
+            x = self.stem(x, prev, nxt)
+        return self._ups(x, prev, nxt, first, range(self.tail_start), crops)
+
+    def tail(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], crops: Crops | None = None) -> Tensor:
         """Features → clamped patches [B, out_channels, t, H, W]; causal per frame, so any t works."""
-        for block in self.up_blocks[self.tail_start :]:
-            x = block(x, prev, nxt, False)  # `first` only matters for temporal upsampling, all in the head
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True), prev, nxt).clamp_(-1.0, 1.0)
+        # `first` only matters for temporal upsampling, all in the head
+        x = self._ups(x, prev, nxt, False, range(self.tail_start, len(self.up_blocks)), crops)
+        y = self.conv_out(_norm_silu(x, self.norm_out), prev, nxt)
+        y = (y.float() + _channel_bias(self.conv_out.bias, y.ndim)).clamp(-1.0, 1.0).to(y.dtype)
+        return y if crops is None else _crop_columns(y, crops[-1])
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
         return self.tail(self.head(x, prev, nxt, first), prev, nxt)
+
+    def column_tiles(self, width: int, n: int) -> list[ColumnTile]:
+        """Split the up path of a `width`-column stem output into n column strips that decode exactly.
+
+        Only zero-padded 3×3 convs mix columns after the stem (norms are per pixel, the shortcuts and
+        upsampling move whole pixels). A strip edge inside the frame is wrong after a conv by one more column
+        per conv (×2 through an upsample), so each strip reads a halo: walking backwards from the output
+        columns it owns, every conv widens the needed range by its padding, every upsample halves it, and the
+        frame's own edges clip it (there the zero padding is the reference's). After each up block and after
+        conv_out the strip is cropped back to what the rest needs, so halo work does not compound.
+        """
+        if n < 1 or n > width:
+            raise ValueError(f"VAE column tiles must be 1..{width} (the latent width), got {n}")
+        scales = [2 if b.upsampler is not None else 1 for b in self.up_blocks]
+        widths = [width]  # columns at each up block's input, then at the output
+        for s in scales:
+            widths.append(widths[-1] * s)
+
+        def widen(lo: int, hi: int, r: int, w: int) -> tuple[int, int]:
+            return max(0, lo - r), min(w, hi + r)
+
+        tiles = []
+        bounds = [widths[-1] * k // n for k in range(n + 1)]
+        for a, b in zip(bounds, bounds[1:]):
+            need = [(0, 0)] * (len(scales) + 1)  # needed columns at each block's input; last: conv_out's input
+            lo, hi = need[-1] = widen(a, b, self.conv_out.spatial_pad[2], widths[-1])
+            for i in reversed(range(len(scales))):
+                block = self.up_blocks[i]
+                if block.upsampler is not None:  # its 3×3 conv runs on the upsampled frame, then nearest ×2
+                    lo, hi = widen(lo, hi, 1, widths[i + 1])
+                    lo, hi = lo // 2, (hi - 1) // 2 + 1
+                radius = sum(r.conv1.spatial_pad[2] + r.conv2.spatial_pad[2] for r in block.resnets)
+                lo, hi = need[i] = widen(lo, hi, radius, widths[i])
+            crops = []
+            for i, s in enumerate(scales):  # block i makes columns [s·lo, s·hi) of need[i]
+                crops.append((need[i + 1][0] - s * need[i][0], s * need[i][1] - need[i + 1][1]))
+            crops.append((a - need[-1][0], need[-1][1] - b))
+            tiles.append(ColumnTile(src=need[0], crops=tuple(crops), dst=(a, b)))
+        return tiles
+
+
+Crops = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ColumnTile:
+    """A column strip of a tile-major decode (`Decoder.column_tiles`): stem-output columns it reads, columns
+    dropped (left, right) after each up block and after conv_out, decoder-output columns it owns."""
+
+    src: tuple[int, int]
+    crops: Crops
+    dst: tuple[int, int]
+
+
+def _crop_columns(x: Tensor, lr: tuple[int, int]) -> Tensor:
+    left, right = lr
+    return x[..., left : x.shape[-1] - right] if left or right else x
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -537,6 +645,8 @@ class WanVAE(nn.Module):
         self.memory_format = torch.contiguous_format
         # Run the full-resolution decoder tail one output frame at a time (less memory, same arithmetic).
         self.frame_tail = True
+        # > 1: tile-major decode in this many column strips (see `decode_frames`; less memory, same values).
+        self.tiles = 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -569,10 +679,10 @@ class WanVAE(nn.Module):
         for m in self.decoder.modules():
             if isinstance(m, Upsample):
                 conv = m.resample.conv
-                w, b = _subpixel_weights(conv.weight, conv.bias)
+                w = _subpixel_weights(conv.weight)
                 if self.memory_format == torch.channels_last_3d:
                     w = w.contiguous(memory_format=torch.channels_last)
-                m.subpixel_weight, m.subpixel_bias = w, b
+                m.subpixel_weight = w
         return self
 
     def _stats(self) -> tuple[Tensor, Tensor]:
@@ -594,17 +704,32 @@ class WanVAE(nn.Module):
         nxt: list[Tensor] = []
         return self.decoder(x, hist, nxt, first=False), nxt
 
-    def decoder_head(self, x: Tensor, hist: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def decoder_head(
+        self, x: Tensor, hist: list[Tensor], crops: Crops | None = None, stem: bool = True
+    ) -> tuple[Tensor, list[Tensor]]:
         """Later latent frame → (features [B, C, 4, ·, ·] for `decoder_tail`); hist = the first
-        `decoder.head_histories` histories, updated in place."""
+        `decoder.head_histories` histories, updated in place. Tile-major: `stem=False`, x = a column
+        strip of the stem output, `crops` from its `ColumnTile`, hist without the stem's histories."""
         nxt: list[Tensor] = []
-        return self.decoder.head(x, hist, nxt, first=False), nxt
+        return self.decoder.head(x, hist, nxt, first=False, crops=crops, stem=stem), nxt
 
-    def decoder_tail(self, x: Tensor, hist: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def decoder_tail(self, x: Tensor, hist: list[Tensor], crops: Crops | None = None) -> tuple[Tensor, list[Tensor]]:
         """One frame of head features [B, C, 1, ·, ·] → (patches [B, 12, 1, ·, ·]); hist = the remaining
         histories, updated in place."""
         nxt: list[Tensor] = []
-        return self.decoder.tail(x, hist, nxt), nxt
+        return self.decoder.tail(x, hist, nxt, crops=crops), nxt
+
+    def decoder_first_tile(self, x: Tensor, crops: Crops) -> tuple[Tensor, list[Tensor]]:
+        """Tile-major decode: a column strip of latent frame 0's stem output → (its patches, the strip's new
+        histories for the up path)."""
+        nxt: list[Tensor] = []
+        feats = self.decoder.head(x, None, nxt, first=True, crops=crops, stem=False)
+        return self.decoder.tail(feats, None, nxt, crops=crops), nxt
+
+    def decoder_stem(self, x: Tensor, hist: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
+        """Tile-major decode, first pass: latent frame → stem output; hist None on frame 0 (allocates)."""
+        nxt: list[Tensor] = []
+        return self.decoder.stem(x, hist, nxt), nxt
 
     def output_shape(self, z_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
         """[B, 3, F, H, W] of the video that decodes from a latent of `z_shape`."""
@@ -645,36 +770,72 @@ class WanVAE(nn.Module):
             )
         mean, inv_std = self._stats()
         x = self.post_quant_conv.pointwise(z.to(device=self.device, dtype=self.dtype) / inv_std + mean)
+        x = _finish(x, _channel_bias(self.post_quant_conv.bias, x.ndim))
         x = x.contiguous(memory_format=self.memory_format)  # [B, z, T, h, w]
         b, _, t, _, _ = x.shape
         p = self.cfg.patch_size
-        hist: list[Tensor] = []
-        f0 = 0
+        st = self.cfg.scale_factor_temporal
 
-        def emit(y: Tensor) -> None:
-            nonlocal f0
+        def emit(y: Tensor, i: int, j: int = 0, cols: tuple[int, int] | None = None) -> None:
+            """Patches of latent frame i (its j-th output frame onwards) → their pixels in `out`."""
             n, hp, wp = y.shape[2:]
+            f0 = 0 if i == 0 else 1 + st * (i - 1) + j
+            dst = out[:, :, f0 : f0 + n] if cols is None else out[:, :, f0 : f0 + n, :, p * cols[0] : p * cols[1]]
             # Unpatchify into place: patch channel c·p² + col·p + row → pixel (h·p + row, w·p + col).
-            dst = out[:, :, f0 : f0 + n].view(b, 3, n, hp, p, wp, p)
-            dst.copy_(y.view(b, 3, p, p, n, hp, wp).permute(0, 1, 4, 5, 3, 6, 2))
-            f0 += n
+            dst.view(b, 3, n, hp, p, wp, p).copy_(y.view(b, 3, p, p, n, hp, wp).permute(0, 1, 4, 5, 3, 6, 2))
 
+        if self.tiles > 1:
+            self._decode_tiles(x, emit, progress_desc)
+            return out
+        hist: list[Tensor] = []
         for i in progress(range(t), desc=progress_desc, total=t):
             xi = x[:, :, i : i + 1]
             if i == 0:
                 y, hist = self.decoder_first_chunk(xi)
-                emit(y)
+                emit(y, i)
             elif not self.frame_tail:
                 y, hist = self.decoder_chunk(xi, hist)
-                emit(y)
+                emit(y, i)
             else:
                 k = self.decoder.head_histories
                 feats, _ = self.decoder_head(xi, hist[:k])
                 for j in range(feats.shape[2]):
                     y, _ = self.decoder_tail(feats[:, :, j : j + 1], hist[k:])
-                    emit(y)
+                    emit(y, i, j)
                 del feats
         return out
+
+    def _decode_tiles(self, x: Tensor, emit, progress_desc: str) -> None:
+        """Tile-major decode: the stem (conv_in + mid block) for every latent frame first, kept whole (small:
+        latent resolution); then each column strip of `decoder.column_tiles` through the up path for every
+        frame, with its own causal histories, so only one strip's histories are ever live. Same ops on the
+        same values as the whole-frame decode, minus a halo's worth of repeated columns per strip."""
+        b, _, t, h, w = x.shape
+        dec = self.decoder
+        stem = None
+        hist: list[Tensor] | None = None
+        for i in range(t):
+            y, hist = self.decoder_stem(x[:, :, i : i + 1], hist)
+            if stem is None:
+                stem = torch.empty(
+                    (b, y.shape[1], t, h, w), dtype=y.dtype, device=y.device, memory_format=self.memory_format
+                )
+            stem[:, :, i : i + 1] = y
+        del hist, y
+        tiles = dec.column_tiles(w, self.tiles)
+        k = dec.head_histories - dec.stem_histories
+        for n in progress(range(len(tiles) * t), desc=progress_desc, total=len(tiles) * t):
+            tile, i = tiles[n // t], n % t
+            xi = stem[:, :, i : i + 1, :, tile.src[0] : tile.src[1]]
+            if i == 0:
+                hist = None  # the previous strip's histories go before this strip allocates its own
+                y, hist = self.decoder_first_tile(xi, tile.crops)
+                emit(y, i, cols=tile.dst)
+                continue
+            feats = self.decoder_head(xi, hist[:k], tile.crops, stem=False)[0]  # (the returned histories
+            for j in range(feats.shape[2]):  # are `hist` itself: not kept, so a strip's die with `hist`)
+                emit(self.decoder_tail(feats[:, :, j : j + 1], hist[k:], tile.crops)[0], i, j, tile.dst)
+            del feats
 
     # ---- encode
 

@@ -159,6 +159,15 @@ def test_pinned_text_tower_needs_offload_on_cuda(no_load, tmp_path):
     fails(["compile.pin_text_tower=true"], tmp_path, "compile.pin_text_tower=true needs compile.offload_text_tower=true")
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (["model.vae_tiles=0"], "model.vae_tiles=0: use 1 to"),
+    (["model.vae_tiles=99"], "model.vae_tiles=99: use 1 to"),
+    (["model.vae_tiles=2", "parallel.vae_rows=true"], "model.vae_tiles > 1 and parallel.vae_rows=true"),
+])
+def test_vae_tiles_checked(no_load, tmp_path, overrides, match):
+    fails(overrides, tmp_path, match)
+
+
 def test_fused_qk_rope_forced_on_cpu(no_load, tmp_path):
     fails(["model.fused_qk_rope=true"], tmp_path, "model.fused_qk_rope=true needs device=cuda and Triton")
 

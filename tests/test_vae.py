@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch._dynamo.testing import CompileCounter
 
 from cosmos3_compiled.checkpoint_io import CheckpointError
 from cosmos3_compiled.postprocess import to_float_frames, to_uint8_frames, to_unit_range_
@@ -93,6 +94,25 @@ def test_decode_matches_diffusers_fp32(ref, ours, t, h, w, frame_tail, monkeypat
     assert got.shape == expected.shape == (1, 3, 1 + 4 * (t - 1), 16 * h, 16 * w)
     assert (got.abs() < 1).float().mean() > 0.5  # not just the clamp talking
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("tiles,t,h,w", [(2, 3, 2, 30), (3, 1, 2, 30), (3, 3, 3, 7), (5, 2, 2, 5)])
+def test_tile_major_decode_matches_diffusers_fp32(ref, ours, tiles, t, h, w, monkeypatch):
+    """Column strips with halos, cropped after every up block: the whole-frame result, strip edges included
+    (w=30: halos narrower than the frame; w=5, 7: halos reaching across it, strips one or two columns wide)."""
+    monkeypatch.setattr(ours, "tiles", tiles)
+    latent = _latent(t, h, w, seed=40 + t + w)
+    got = ours.decode_frames(latent)
+    assert (got - _reference_decode(ref, latent)).abs().max().item() <= 1e-5
+    strips = ours.decoder.column_tiles(w, tiles)
+    assert [s.dst for s in strips] == [(8 * w * k // tiles, 8 * w * (k + 1) // tiles) for k in range(tiles)]
+    if w == 30:  # the interior edges read a halo, the frame's edges do not
+        assert strips[0].src[0] == 0 and 15 < strips[0].src[1] < 30 and strips[-1].src[1] == 30
+
+
+def test_tile_count_is_checked(ours):
+    with pytest.raises(ValueError, match="column tiles must be 1..4"):
+        ours.decoder.column_tiles(4, 5)
 
 
 def test_decode_into_given_buffer(ref, ours):
@@ -288,6 +308,31 @@ def test_chunk_body_traces_fullgraph_without_recompiles(folder, channels_last, f
     )
     latent = _latent(4, 2, 3, seed=12)
     assert torch.equal(_compiled_decode(vae, latent, "eager"), vae.decode_frames(latent))
+
+
+def test_tile_major_units_compile_once_per_strip(folder):
+    """Each unit compiles once per strip (a strip's crops and shapes are its bucket), then the second decode
+    runs without compiling anything, fullgraph, and equals the eager tile-major decode."""
+    vae = load_vae(folder, with_encoder=False, channels_last_3d=True)
+    vae.tiles = 2
+    latent = _latent(3, 2, 30, seed=14)
+    eager = vae.decode_frames(latent)
+    units = ("decoder_stem", "decoder_first_tile", "decoder_head", "decoder_tail")
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        for name in units:
+            setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, backend=counter))
+        vae.decode_frames(latent)
+        # stem: frame 0 (allocates) + later frames; first_tile, head, tail: one graph per strip
+        assert counter.frame_count == 2 + 3 * 2
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got = vae.decode_frames(latent)
+        assert counter.frame_count == 8
+    finally:
+        for name in units:
+            delattr(vae, name)
+    assert torch.equal(got, eager)
 
 
 @pytest.mark.slow

@@ -52,7 +52,8 @@ MODE_FLAGS = ("cl", "chunk", "subpixel", "autotune", "exact")
 def parse_mode(mode: str) -> tuple[str, set[str]]:
     base, *flags = mode.split("_")
     compiled_only = set(flags) & {"autotune", "exact"}
-    if base not in ("eager", "compiled") or not set(flags) <= set(MODE_FLAGS) or (compiled_only and base != "compiled"):
+    tiles = {f for f in flags if f[:1] == "t" and f[1:].isdigit()}  # _t<N>: tile-major decode in N column strips
+    if base not in ("eager", "compiled") or not set(flags) - tiles <= set(MODE_FLAGS) or (compiled_only and base != "compiled"):
         sys.exit(f"bad --ours mode {mode!r}: eager|compiled + any of _cl, _chunk, _subpixel "
                  "(_autotune, _exact when compiled)")
     return base, set(flags)
@@ -225,6 +226,11 @@ def main() -> None:
         help="comma list of modes (or 'diffusers') to trace once more with the CUDA allocator history: "
         "prints what is live at the peak",
     )
+    ap.add_argument(
+        "--truth",
+        action="store_true",
+        help="also decode once in fp32 (same weights upcast, TF32 off) and report every mode's PSNR against it",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny widths and latent on the CPU, fp32: checks the script")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for JSON + markdown")
     args = ap.parse_args()
@@ -258,7 +264,18 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     videos: dict[str, torch.Tensor] = {}
+    truth = None
     with torch.no_grad():
+        if args.truth:
+            # fp32 decode of the same (rounded) weights: the rounding-free answer each dtype path approximates
+            tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            vae32 = ours_from(ref, cfg, torch.float32, channels_last=False)
+            t0 = time.perf_counter()
+            truth = vae32.decode_frames(z)
+            print(f"fp32 truth decoded in {time.perf_counter() - t0:.1f} s", flush=True)
+            del vae32
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if not args.no_diffusers:
             # The Cosmos3 pipeline's decode: de-normalise in the VAE dtype, then vae.decode(...).sample.
             results["diffusers"], videos["diffusers"] = measure(
@@ -266,11 +283,14 @@ def main() -> None:
             )
             if "diffusers" in traced:
                 results["diffusers"]["memory_trace"] = memory_trace(lambda: ref.decode(z.to(dtype) / inv_std + mean).sample)
+            if truth is not None:
+                results["diffusers"]["vs_fp32"] = compare(videos["diffusers"], truth)
             print(f"diffusers: {json.dumps(results['diffusers'])}", flush=True)
         for mode in modes:
             base, flags = parse_mode(mode)
             vae = ours_from(ref, cfg, dtype, channels_last="cl" in flags)
             vae.frame_tail = "chunk" not in flags
+            vae.tiles = next((int(f[1:]) for f in flags if f[:1] == "t" and f[1:].isdigit()), 1)
             if "subpixel" in flags:
                 vae.apply_subpixel_upsample()
             if base == "compiled":
@@ -280,13 +300,19 @@ def main() -> None:
             results[mode], video = measure(lambda: vae.decode_frames(z), device, args.warmup, args.iters)
             if "diffusers" in videos:
                 results[mode]["vs_diffusers"] = compare(video, videos["diffusers"])
+            if truth is not None:
+                results[mode]["vs_fp32"] = compare(video, truth)
             # our eager reference: the eager run with the same layout when there is one (channels_last_3d
             # alone changes cuDNN's conv algorithms, hence bf16 rounding), else plain eager
-            ref_mode = next((m for m in ("eager_cl" if "cl" in flags else "eager", "eager") if m in videos), None)
+            tiled = next((f for f in flags if f[:1] == "t" and f[1:].isdigit()), None)
+            prefs = ("eager_cl" if "cl" in flags else "eager", "eager")
+            if tiled:  # a tile-major decode is its own eager reference (conv shapes, so cuDNN algorithms, differ)
+                prefs = tuple(f"{m}_{tiled}" for m in prefs) + prefs
+            ref_mode = next((m for m in prefs if m in videos), None)
             if ref_mode is not None and mode != ref_mode:
                 results[mode]["vs_ours_eager"] = compare(video, videos[ref_mode])
                 results[mode]["eager_reference"] = ref_mode
-            if mode in ("eager", "eager_cl"):
+            if base == "eager" and flags <= {"cl"} | ({tiled} if tiled else set()):
                 videos[mode] = video
             del video
             if mode in traced:
@@ -340,15 +366,16 @@ def markdown(env: dict, results: dict) -> str:
         "part of every peak",
         "",
         "| mode | median s | first call s | TFLOP/s | peak extra GiB | PSNR vs diffusers dB | max abs vs diffusers "
-        "| our eager ref | PSNR vs it dB | max abs vs it |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| our eager ref | PSNR vs it dB | max abs vs it | PSNR vs fp32 dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         vd, ve = r.get("vs_diffusers", {}), r.get("vs_ours_eager", {})
         lines.append(
             f"| {name} | {r['median_s']:.3f} | {fmt(r['first_call_s'], '.1f')} | {r['tflops']:.3g} | "
             f"{fmt(r['peak_extra_gib'], '.2f')} | {fmt(vd.get('psnr_db'), '.1f')} | {fmt(vd.get('max_abs'), '.2e')} | "
-            f"{r.get('eager_reference', '—')} | {fmt(ve.get('psnr_db'), '.1f')} | {fmt(ve.get('max_abs'), '.2e')} |"
+            f"{r.get('eager_reference', '—')} | {fmt(ve.get('psnr_db'), '.1f')} | {fmt(ve.get('max_abs'), '.2e')} | "
+            f"{fmt(r.get('vs_fp32', {}).get('psnr_db'), '.1f')} |"
         )
     return "\n".join(lines)
 
