@@ -252,9 +252,14 @@ class ResidualBlock(nn.Module):
         self.conv2 = CausalConv3d(cout, cout, (3, 3, 3))
         self.conv_shortcut = CausalConv3d(cin, cout, (1, 1, 1)) if cin != cout else None
 
-    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
+    def forward(
+        self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], crop: tuple[int, int] | None = None
+    ) -> Tensor:
+        """`crop`: (left, right) columns to drop from the output (a column strip's halo, see `column_tiles`)."""
         y = self.conv1(_norm_silu(x, self.norm1), prev, nxt)
         y = self.conv2(_norm_silu(y, self.norm2, self.conv1.bias), prev, nxt)
+        if crop is not None:
+            y, x = _crop_columns(y, crop), _crop_columns(x, crop)
         terms = [_channel_bias(self.conv2.bias, y.ndim)]
         if self.conv_shortcut is None:
             terms.append(x.float())
@@ -481,15 +486,21 @@ class ResidualUpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_res_blocks + 1)])
         self.upsampler = Upsample(cout, temporal) if up else None
 
-    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
+    def forward(
+        self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool, crops: BlockCrops | None = None
+    ) -> Tensor:
+        """`crops`: a column strip's (per-resnet crops, crop after the upsampling), see `column_tiles`."""
         src = x
-        for resnet in self.resnets:
-            x = resnet(x, prev, nxt)
+        for k, resnet in enumerate(self.resnets):
+            x = resnet(x, prev, nxt, None if crops is None else crops[0][k])
         if self.upsampler is None:
             return x
         y = self.upsampler(x, prev, nxt, first)  # without its bias
         y = y.float() + _channel_bias(self.upsampler.resample.conv.bias, y.ndim)
-        return _add_dup_up_(y, src, self.ft, self.fs, first).to(src.dtype)
+        if crops is not None:  # the shortcut reads the columns the resnets kept
+            src = _crop_columns(src, (sum(c[0] for c in crops[0]), sum(c[1] for c in crops[0])))
+        y = _add_dup_up_(y, src, self.ft, self.fs, first).to(src.dtype)
+        return y if crops is None else _crop_columns(y, crops[1])
 
 
 def _count_histories(parts: list[nn.Module]) -> int:
@@ -531,9 +542,7 @@ class Decoder(nn.Module):
 
     def _ups(self, x: Tensor, prev, nxt, first: bool, blocks: range, crops: Crops | None) -> Tensor:
         for i in blocks:
-            x = self.up_blocks[i](x, prev, nxt, first)
-            if crops is not None:
-                x = _crop_columns(x, crops[i])
+            x = self.up_blocks[i](x, prev, nxt, first, None if crops is None else crops[i])
         return x
 
     def head(
@@ -564,46 +573,53 @@ class Decoder(nn.Module):
         upsampling move whole pixels). A strip edge inside the frame is wrong after a conv by one more column
         per conv (×2 through an upsample), so each strip reads a halo: walking backwards from the output
         columns it owns, every conv widens the needed range by its padding, every upsample halves it, and the
-        frame's own edges clip it (there the zero padding is the reference's). After each up block and after
-        conv_out the strip is cropped back to what the rest needs, so halo work does not compound.
+        frame's own edges clip it (there the zero padding is the reference's). After every resnet, upsample
+        and conv_out the strip is cropped back to what the rest needs, so halo work does not compound.
         """
         if n < 1 or n > width:
             raise ValueError(f"VAE column tiles must be 1..{width} (the latent width), got {n}")
-        scales = [2 if b.upsampler is not None else 1 for b in self.up_blocks]
         widths = [width]  # columns at each up block's input, then at the output
-        for s in scales:
-            widths.append(widths[-1] * s)
+        for b in self.up_blocks:
+            widths.append(widths[-1] * (2 if b.upsampler is not None else 1))
 
-        def widen(lo: int, hi: int, r: int, w: int) -> tuple[int, int]:
-            return max(0, lo - r), min(w, hi + r)
+        def widen(r: tuple[int, int], by: int, w: int) -> tuple[int, int]:
+            return max(0, r[0] - by), min(w, r[1] + by)
+
+        def crop(have: tuple[int, int], need: tuple[int, int]) -> tuple[int, int]:
+            return need[0] - have[0], have[1] - need[1]
 
         tiles = []
         bounds = [widths[-1] * k // n for k in range(n + 1)]
         for a, b in zip(bounds, bounds[1:]):
-            need = [(0, 0)] * (len(scales) + 1)  # needed columns at each block's input; last: conv_out's input
-            lo, hi = need[-1] = widen(a, b, self.conv_out.spatial_pad[2], widths[-1])
-            for i in reversed(range(len(scales))):
-                block = self.up_blocks[i]
+            need = widen((a, b), self.conv_out.spatial_pad[2], widths[-1])  # conv_out's input
+            blocks: list[BlockCrops] = []
+            final = crop(need, (a, b))
+            for i in reversed(range(len(self.up_blocks))):
+                block, end = self.up_blocks[i], need
                 if block.upsampler is not None:  # its 3×3 conv runs on the upsampled frame, then nearest ×2
-                    lo, hi = widen(lo, hi, 1, widths[i + 1])
-                    lo, hi = lo // 2, (hi - 1) // 2 + 1
-                radius = sum(r.conv1.spatial_pad[2] + r.conv2.spatial_pad[2] for r in block.resnets)
-                lo, hi = need[i] = widen(lo, hi, radius, widths[i])
-            crops = []
-            for i, s in enumerate(scales):  # block i makes columns [s·lo, s·hi) of need[i]
-                crops.append((need[i + 1][0] - s * need[i][0], s * need[i][1] - need[i + 1][1]))
-            crops.append((a - need[-1][0], need[-1][1] - b))
-            tiles.append(ColumnTile(src=need[0], crops=tuple(crops), dst=(a, b)))
+                    lo, hi = widen(need, 1, widths[i + 1])
+                    need = lo // 2, (hi - 1) // 2 + 1
+                kept = [need]  # columns after each resnet, last first
+                for r in reversed(block.resnets):
+                    kept.append(widen(kept[-1], r.conv1.spatial_pad[2] + r.conv2.spatial_pad[2], widths[i]))
+                kept.reverse()  # kept[0]: the block's input
+                res = tuple(crop(kept[k], kept[k + 1]) for k in range(len(block.resnets)))
+                after = crop((2 * need[0], 2 * need[1]), end) if block.upsampler is not None else (0, 0)
+                blocks.append((res, after))
+                need = kept[0]
+            blocks.reverse()
+            tiles.append(ColumnTile(src=need, crops=(*blocks, final), dst=(a, b)))
         return tiles
 
 
-Crops = tuple[tuple[int, int], ...]
+BlockCrops = tuple[tuple[tuple[int, int], ...], tuple[int, int]]  # (after each resnet, after the upsampling)
+Crops = tuple  # one BlockCrops per up block, then (left, right) after conv_out
 
 
 @dataclass(frozen=True)
 class ColumnTile:
     """A column strip of a tile-major decode (`Decoder.column_tiles`): stem-output columns it reads, columns
-    dropped (left, right) after each up block and after conv_out, decoder-output columns it owns."""
+    dropped (left, right) after each resnet, upsampling and conv_out, decoder-output columns it owns."""
 
     src: tuple[int, int]
     crops: Crops
