@@ -151,7 +151,9 @@ def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts:
     2.77 s vs 4.36 s eager; eager channels_last is slower, 4.65 s).
     emulate_casts: inductor rounds every intermediate to the tensor dtype where eager would
     (`emulate_precision_casts`) instead of keeping fused elementwise chains in fp32, so a bf16 compiled
-    decode tracks the eager one: 49.9 dB vs 48.3 dB without (docs/benchmarks/wan22_vae_h100_20261126.md).
+    decode tracks the eager one: 50.8 dB vs 49.7 dB without (H100, 720p; the VAE's own epilogues are
+    already fp32 with one rounding, see vae._finish; docs/benchmarks/wan22_vae_h100_20261126.md).
+    The tile-major decode (`vae.tiles`) compiles its units once per column strip.
     """
     if mode == "eager":
         return

@@ -10,6 +10,8 @@ eager decode. Full results go to JSON + a markdown report under $OUT (or --out);
 
 GPU:    python tools/bench_vae.py
         python tools/bench_vae.py --no-diffusers --ours compiled_cl --memory-trace compiled_cl --cudnn-benchmark 0
+        python tools/bench_vae.py --truth --ours eager_cl,eager_cl_t2,compiled_cl_exact,compiled_cl_exact_t2
+                                                   (+ PSNR against an fp32 decode; tile-major in 2 strips)
 Smoke:  python tools/bench_vae.py --smoke          (tiny widths on the CPU, checks the script end to end)
 
 Memory floor: the causal histories (3.06 GiB in bf16 at 720p) and the output video (0.42 GiB) are live at
@@ -45,7 +47,8 @@ WAN22 = wan22_config()
 # A mode is `eager` or `compiled`, plus any of: `_cl` (channels_last_3d), `_chunk` (whole-chunk tail
 # instead of frame-by-frame, see WanVAE.frame_tail), `_subpixel` (WanVAE.apply_subpixel_upsample),
 # `_autotune` (compiled with max-autotune-no-cudagraphs), `_exact` (compiled with inductor's
-# emulate_precision_casts: intermediates rounded to bf16 where eager rounds them).
+# emulate_precision_casts: intermediates rounded to bf16 where eager rounds them), `_t<N>` (tile-major decode
+# in N column strips, WanVAE.tiles; its eager reference is the eager mode with the same strips when run).
 MODE_FLAGS = ("cl", "chunk", "subpixel", "autotune", "exact")
 
 
@@ -213,7 +216,7 @@ def main() -> None:
         default="eager,eager_cl,compiled_cl,compiled_cl_subpixel",
         help="comma list of modes: eager|compiled + optional _cl (channels_last_3d), _chunk (whole-chunk tail), "
         "_subpixel (upsample convs folded to 2x2), _autotune (compiled, max-autotune-no-cudagraphs), "
-        "_exact (compiled, intermediates rounded as in eager)",
+        "_exact (compiled, intermediates rounded as in eager), _t<N> (tile-major decode in N column strips)",
     )
     ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (the first also compiles)")
