@@ -161,7 +161,8 @@ def _rms_norm_f32(x: Tensor, gamma: Tensor, scale: float, dim: int) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Channel RMS norm with a learned gain; `gamma` keeps the checkpoint's broadcast shape."""
+    """Channel RMS norm's learned gain (`gamma`, in the checkpoint's broadcast shape) and sqrt(C) scale; applied
+    inside the fp32 epilogues (`_norm_silu`, `AttentionBlock`), so it has no forward of its own."""
 
     def __init__(self, dim: int, spatial_dims: int = 3) -> None:
         super().__init__()

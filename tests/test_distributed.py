@@ -303,9 +303,9 @@ def test_torchrun_generation_matches_single_process(layout_name, nproc, vae_rows
     print(f"{layout_name}: max abs vs single process {err:.3g}")
     if exact:
         assert torch.equal(got, want)
-    else:
+        assert f"sha256 {want_sha}" in proc.stdout
+    else:  # float frames within fp32 noise; their uint8 rounding (the sha256) may flip a pixel at a .5 tie
         assert err <= 1e-5
-    assert f"sha256 {want_sha}" in proc.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     degree = {"cfg": 1, "ulysses": 2, "cfg_ulysses": 2}[layout_name]
     assert metrics["parallel"] == {"world_size": nproc, "backend": "gloo", "cfg": layout_name != "ulysses",
