@@ -564,8 +564,11 @@ class Decoder(nn.Module):
         y = (y.float() + _channel_bias(self.conv_out.bias, y.ndim)).clamp(-1.0, 1.0).to(y.dtype)
         return y if crops is None else _crop_columns(y, crops[-1])
 
-    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
-        return self.tail(self.head(x, prev, nxt, first), prev, nxt)
+    def forward(
+        self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool,
+        crops: Crops | None = None, stem: bool = True,
+    ) -> Tensor:
+        return self.tail(self.head(x, prev, nxt, first, crops=crops, stem=stem), prev, nxt, crops=crops)
 
     def column_tiles(self, width: int, n: int) -> list[ColumnTile]:
         """Split the up path of a `width`-column stem output into n column strips that decode exactly.
@@ -740,8 +743,7 @@ class WanVAE(nn.Module):
         """Tile-major decode: a column strip of latent frame 0's stem output → (its patches, the strip's new
         histories for the up path)."""
         nxt: list[Tensor] = []
-        feats = self.decoder.head(x, None, nxt, first=True, crops=crops, stem=False)
-        return self.decoder.tail(feats, None, nxt, crops=crops), nxt
+        return self.decoder(x, None, nxt, first=True, crops=crops, stem=False), nxt
 
     def decoder_stem(self, x: Tensor, hist: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
         """Tile-major decode, first pass: latent frame → stem output; hist None on frame 0 (allocates)."""

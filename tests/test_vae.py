@@ -98,7 +98,7 @@ def test_decode_matches_diffusers_fp32(ref, ours, t, h, w, frame_tail, monkeypat
 
 @pytest.mark.parametrize("tiles,t,h,w", [(2, 3, 2, 30), (3, 1, 2, 30), (3, 3, 3, 7), (5, 2, 2, 5)])
 def test_tile_major_decode_matches_diffusers_fp32(ref, ours, tiles, t, h, w, monkeypatch):
-    """Column strips with halos, cropped after every up block: the whole-frame result, strip edges included
+    """Column strips with halos, cropped after every resnet and upsampling: the whole-frame result, strip edges included
     (w=30: halos narrower than the frame; w=5, 7: halos reaching across it, strips one or two columns wide)."""
     monkeypatch.setattr(ours, "tiles", tiles)
     latent = _latent(t, h, w, seed=40 + t + w)
@@ -359,4 +359,3 @@ def test_cuda_decode_and_compiled_units_match_diffusers(folder, channels_last):
         assert (eager - expected).abs().max().item() <= 1e-4
         compiled = _compiled_decode(vae, latent, "inductor")
     assert (compiled - eager).abs().max().item() <= 1e-4
-

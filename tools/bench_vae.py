@@ -52,12 +52,17 @@ WAN22 = wan22_config()
 MODE_FLAGS = ("cl", "chunk", "subpixel", "autotune", "exact")
 
 
+def tile_flag(flags) -> str | None:
+    """The `t<N>` flag (tile-major decode in N column strips) among a mode's flags, if any."""
+    return next((f for f in flags if f[:1] == "t" and f[1:].isdigit()), None)
+
+
 def parse_mode(mode: str) -> tuple[str, set[str]]:
     base, *flags = mode.split("_")
     compiled_only = set(flags) & {"autotune", "exact"}
-    tiles = {f for f in flags if f[:1] == "t" and f[1:].isdigit()}  # _t<N>: tile-major decode in N column strips
-    if base not in ("eager", "compiled") or not set(flags) - tiles <= set(MODE_FLAGS) or (compiled_only and base != "compiled"):
-        sys.exit(f"bad --ours mode {mode!r}: eager|compiled + any of _cl, _chunk, _subpixel "
+    known = set(MODE_FLAGS) | {tile_flag(flags)}
+    if base not in ("eager", "compiled") or not set(flags) <= known or (compiled_only and base != "compiled"):
+        sys.exit(f"bad --ours mode {mode!r}: eager|compiled + any of _cl, _chunk, _subpixel, _t<N> "
                  "(_autotune, _exact when compiled)")
     return base, set(flags)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -293,7 +298,8 @@ def main() -> None:
             base, flags = parse_mode(mode)
             vae = ours_from(ref, cfg, dtype, channels_last="cl" in flags)
             vae.frame_tail = "chunk" not in flags
-            vae.tiles = next((int(f[1:]) for f in flags if f[:1] == "t" and f[1:].isdigit()), 1)
+            tiled = tile_flag(flags)
+            vae.tiles = int(tiled[1:]) if tiled else 1
             if "subpixel" in flags:
                 vae.apply_subpixel_upsample()
             if base == "compiled":
@@ -307,7 +313,6 @@ def main() -> None:
                 results[mode]["vs_fp32"] = compare(video, truth)
             # our eager reference: the eager run with the same layout when there is one (channels_last_3d
             # alone changes cuDNN's conv algorithms, hence bf16 rounding), else plain eager
-            tiled = next((f for f in flags if f[:1] == "t" and f[1:].isdigit()), None)
             prefs = ("eager_cl" if "cl" in flags else "eager", "eager")
             if tiled:  # a tile-major decode is its own eager reference (conv shapes, so cuDNN algorithms, differ)
                 prefs = tuple(f"{m}_{tiled}" for m in prefs) + prefs
