@@ -159,6 +159,8 @@ def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts:
         return
     if mode not in MODES or MODES[mode] is None:
         raise ValueError(f"unknown VAE compile mode {mode!r}; choose eager or one of {', '.join(MODES)}")
+    import torch._inductor.inductor_prims  # noqa: F401  (the units pin strides with its inductor_force_stride_order)
+
     if channels_last:
         vae.apply_channels_last_3d()
     # torch.compile takes a mode or options, not both: spell the mode out as the options it stands for

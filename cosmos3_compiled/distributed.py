@@ -342,6 +342,8 @@ def tail_halo(decoder) -> int:
     history is its input, which is no deeper), so the bound holds over every frame.
     """
     depth, scale = 0, 1
+    if decoder.split is not None:  # the split block's spatial upsampling opens the tail (see Decoder.head)
+        depth, scale = 2, 2
     for block in decoder.up_blocks[decoder.tail_start :]:
         for resnet in block.resnets:
             depth += resnet.conv1.spatial_pad[1] + resnet.conv2.spatial_pad[1]
@@ -383,7 +385,7 @@ class RowParallelDecode:
         if not self.vae.frame_tail:
             return y, hist
         k = self.vae.decoder.head_histories
-        self.rows0 = hist[k].shape[3]  # the tail's first conv history has the tail input's rows
+        self.rows0 = x.shape[3] * self.vae.decoder.tail_input_scale()  # rows of a full frame at the tail's input
         _, _, _, lo, hi = self.block()
         fmt = self.vae.memory_format
         self.hist = []
@@ -393,11 +395,17 @@ class RowParallelDecode:
         # the full-frame tail histories are not read again (`tail` keeps its own): free them
         return y, [*hist[:k], *(h.new_empty(0) for h in hist[k:])]
 
-    def tail(self, x: torch.Tensor, hist: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One frame of head features [B, C, 1, H0, W0] → the full frame's patches, computed 1/world here."""
+    def tail(
+        self, x: torch.Tensor, src: torch.Tensor | None, sub: int, hist: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One frame of head features [B, C, 1, H0, W0] (and the shortcut input `src` at the same rows) →
+        the full frame's patches, computed 1/world here."""
         per, a, b, lo, hi = self.block()
-        xs = x[:, :, :, lo:hi].contiguous(memory_format=self.vae.memory_format)
-        y, _ = self.tail_unit(xs, self.hist)  # [B, 12, 1, (hi - lo)·r, W]
+        fmt = self.vae.memory_format
+        xs = x[:, :, :, lo:hi].contiguous(memory_format=fmt)
+        if src is not None:
+            src = src[:, :, :, lo:hi].contiguous(memory_format=fmt)
+        y, _ = self.tail_unit(xs, src, sub, self.hist)  # [B, 12, 1, (hi - lo)·r, W]
         r = y.shape[3] // (hi - lo)
         core = y[:, :, :, (a - lo) * r : (b - lo) * r]
         if b - a < per:  # the last block may be short: pad so every rank sends the same size

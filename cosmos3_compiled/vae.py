@@ -135,6 +135,23 @@ class VAEConfig:
 # --------------------------------------------------------------------------------------------- layers
 
 
+def _pin_strides(x: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """Compiled: make inductor store x once, with exactly these strides (eager: x unchanged). The op is
+    registered when torch.compile loads inductor (`apply_compile_vae` also imports it, not this module:
+    importing it costs about a second at startup)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.prims.inductor_force_stride_order(x, stride)
+    return x
+
+
+def _stored(x: Tensor) -> Tensor:
+    """Compiled: store a block's output once, in its own layout, rather than let inductor inline the chain
+    that makes it (conv output + bias + shortcut) into each reader. Inlined, the conv output and shortcut stay
+    alive for every reader, and the next norm, reading too many buffers, gets its fp32 product stored in full
+    (docs/benchmarks/wan22_vae_h100_20261126.md, "Fifth pass")."""
+    return _pin_strides(x, x.stride())
+
+
 def _channel_bias(bias: Tensor, ndim: int) -> Tensor:
     """A per-channel bias [C] shaped to broadcast over dim 1 of an ndim-d activation, in fp32."""
     return bias.float().view(-1, *([1] * (ndim - 2)))
@@ -216,6 +233,10 @@ class CausalConv3d(nn.Module):
                 # One pointwise producer that also needs x: a cat would let inductor copy every layer's
                 # history into its input buffer at the start of the graph, keeping all those buffers alive.
                 xin = F.pad(hist, (0, 0, 0, 0, 0, x.shape[2])) + F.pad(x, (0, 0, 0, 0, _HISTORY, 0))
+                # Fix xin's strides to the conv's layout now. Inductor lowers the history slice below before
+                # the conv; left open, the slice would lay xin out in an order guessed from its inputs and the
+                # conv would then need a second, channels-last copy of all three frames.
+                xin = _pin_strides(xin, xin.contiguous(memory_format=self.memory_format).stride())
             else:
                 xin = torch.cat([hist, x], dim=2)  # [B, Cin, 2 + t, H, W]
             hist.copy_(xin[:, :, -_HISTORY:])
@@ -267,7 +288,7 @@ class ResidualBlock(nn.Module):
         else:
             sc = self.conv_shortcut
             terms += [sc.pointwise(x).float(), _channel_bias(sc.bias, y.ndim)]
-        return _finish(y, *terms)
+        return _stored(_finish(y, *terms))
 
 
 class AttentionBlock(nn.Module):
@@ -390,34 +411,40 @@ class Encoder(nn.Module):
 # -------------------------------------------------------------------------------------------- decoder
 
 
-def _add_dup_up_(x: Tensor, src: Tensor, ft: int, fs: int, first: bool) -> Tensor:
+def _add_dup_up_(x: Tensor, src: Tensor, ft: int, fs: int, sub: int) -> Tensor:
     """x += DupUp3D(src): channels of `src` repeated, then unfolded into (ft, fs, fs) sub-positions.
 
     Output channel o at sub-position s = (a, p, q) reads src channel (o·ft·fs² + s) // reps with
-    reps = C_out·ft·fs² / C_in. Eager: the two Wan2.2 cases are added in place through broadcast views
-    (no temporary). On the first chunk only the last temporal sub-position (a = ft - 1) survives.
+    reps = C_out·ft·fs² / C_in. x holds, for every src frame, the temporal sub-positions a = sub, sub + 1, …
+    (x.shape[2] / src.shape[2] of them): all ft on a later chunk, the last one (sub = ft - 1) on the first
+    chunk, one at a time when the tail runs per output frame. Eager: the two Wan2.2 cases are added in
+    place through broadcast views (no temporary).
     """
     b, cout, _, _, _ = x.shape
     cin, t, h, w = src.shape[1:]
     fac = ft * fs * fs
     reps = cout * fac // cin
-    a0 = ft - 1 if first else 0
-    na = ft - a0
+    na = x.shape[2] // t
     if torch.compiler.is_compiling():
         # Out of place, the repeat spelled out: inductor folds it into one pointwise add that keeps x's
         # layout (an add through split views would come back in the contiguous layout).
-        rep = rearrange(src.repeat_interleave(reps, dim=1), "b (o a p q) t h w -> b o (t a) (h p) (w q)", a=ft, p=fs, q=fs)
-        return x + rep[:, :, a0:]
+        if reps % fac == 0:  # every sub-position reads the same channel: `sub` is not needed (nor guarded on)
+            rep = src.repeat_interleave(reps // fac, dim=1)[:, :, :, None, :, None, :, None]
+            rep = rep.expand(b, cout, t, na, h, fs, w, fs)
+        else:
+            rep = rearrange(src.repeat_interleave(reps, dim=1), "b (o a p q) t h w -> b o t a h p w q", a=ft, p=fs, q=fs)
+            rep = rep[:, :, :, sub : sub + na]
+        return x + rep.reshape(b, cout, t * na, h * fs, w * fs)
     xv = x.view(b, cout, t, na, h, fs, w, fs)
     if reps % fac == 0:  # every src channel fills whole output channels
         k = reps // fac
         xv.view(b, cin, k, t, na, h, fs, w, fs).add_(src.view(b, cin, 1, t, 1, h, 1, w, 1))
     elif reps == fs:  # src channel o·ft·fs + a·fs + p, repeated over q
-        s = src.view(b, cout, ft, fs, t, h, w)[:, :, a0:]
+        s = src.view(b, cout, ft, fs, t, h, w)[:, :, sub : sub + na]
         xv.add_(s.permute(0, 1, 4, 2, 5, 3, 6).unsqueeze(-1))
     else:  # general case: materialise the repeat
         rep = rearrange(src.repeat_interleave(reps, dim=1), "b (o a p q) t h w -> b o t a h p w q", a=ft, p=fs, q=fs)
-        xv.add_(rep[:, :, :, a0:])
+        xv.add_(rep[:, :, :, sub : sub + na])
     return x
 
 
@@ -465,16 +492,21 @@ class Upsample(nn.Module):
                 grid[:, :, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w]
         return out
 
-    def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
-        if self.time_conv is not None:
-            if first:  # frame 0 is not doubled; the time conv's history starts as zeros
-                b, c, _, h, w = x.shape
-                z = x.new_zeros(b, c, _HISTORY, h, w)
-                nxt.append(z.contiguous(memory_format=self.time_conv.memory_format))
-            else:
-                y = self.time_conv(x, prev, nxt)  # [B, 2C, t, H, W]
-                y = _finish(y, _channel_bias(self.time_conv.bias, y.ndim))
-                x = rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+    def time_up(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
+        """'3d': the causal time conv to 2C channels, interleaved into twice the frames; '2d': x as is."""
+        if self.time_conv is None:
+            return x
+        if first:  # frame 0 is not doubled; the time conv's history starts as zeros
+            b, c, _, h, w = x.shape
+            z = x.new_zeros(b, c, _HISTORY, h, w)
+            nxt.append(z.contiguous(memory_format=self.time_conv.memory_format))
+            return x
+        y = self.time_conv(x, prev, nxt)  # [B, 2C, t, H, W]
+        y = _finish(y, _channel_bias(self.time_conv.bias, y.ndim))
+        return rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+
+    def spatial(self, x: Tensor) -> Tensor:
+        """Nearest ×2 + the 3×3 conv, frame by frame, without the conv's bias."""
         return _per_frame(x, self._upsample_conv)
 
 
@@ -487,21 +519,35 @@ class ResidualUpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_res_blocks + 1)])
         self.upsampler = Upsample(cout, temporal) if up else None
 
-    def forward(
+    def pre(
         self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool, crops: BlockCrops | None = None
-    ) -> Tensor:
-        """`crops`: a column strip's (per-resnet crops, crop after the upsampling), see `column_tiles`."""
+    ) -> tuple[Tensor, Tensor]:
+        """The resnets and the temporal half of the upsampling → (features, the shortcut's input). `crops`: a
+        column strip's (per-resnet crops, crop after the upsampling), see `column_tiles`."""
         src = x
         for k, resnet in enumerate(self.resnets):
             x = resnet(x, prev, nxt, None if crops is None else crops[0][k])
         if self.upsampler is None:
-            return x
-        y = self.upsampler(x, prev, nxt, first)  # without its bias
-        y = y.float() + _channel_bias(self.upsampler.resample.conv.bias, y.ndim)
+            return x, src
         if crops is not None:  # the shortcut reads the columns the resnets kept
             src = _crop_columns(src, (sum(c[0] for c in crops[0]), sum(c[1] for c in crops[0])))
-        y = _add_dup_up_(y, src, self.ft, self.fs, first).to(src.dtype)
+        return self.upsampler.time_up(x, prev, nxt, first), src
+
+    def post(self, x: Tensor, src: Tensor, sub: int, crops: BlockCrops | None = None) -> Tensor:
+        """`pre`'s features → the block's output: spatial upsampling plus the DupUp shortcut from `src`
+        (x holds temporal sub-positions sub, sub + 1, … of src's frames, see `_add_dup_up_`)."""
+        if self.upsampler is None:
+            return x
+        y = self.upsampler.spatial(x)  # without its bias
+        y = y.float() + _channel_bias(self.upsampler.resample.conv.bias, y.ndim)
+        y = _stored(_add_dup_up_(y, src, self.ft, self.fs, sub).to(src.dtype))
         return y if crops is None else _crop_columns(y, crops[1])
+
+    def forward(
+        self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool, crops: BlockCrops | None = None
+    ) -> Tensor:
+        x, src = self.pre(x, prev, nxt, first, crops)
+        return self.post(x, src, self.ft - 1 if first else 0, crops)
 
 
 def _count_histories(parts: list[nn.Module]) -> int:
@@ -532,6 +578,9 @@ class Decoder(nn.Module):
         # Up blocks from here on run at the output frame rate (after the last temporal upsampling).
         temporal = [i for i in range(last) if cfg.temporal_upsample[i]]
         self.tail_start = temporal[-1] + 1 if temporal else 0
+        # That last temporal block's spatial half (nearest ×2, 3×3 conv, shortcut) also runs in the tail, per
+        # output frame, so the head hands over its features before the ×4 in pixels (`ResidualUpBlock.pre`).
+        self.split = temporal[-1] if temporal else None
         head = [self.conv_in, self.mid_block, *self.up_blocks[: self.tail_start]]
         self.head_histories = _count_histories(head)
         self.stem_histories = _count_histories([self.conv_in, self.mid_block])
@@ -549,15 +598,26 @@ class Decoder(nn.Module):
     def head(
         self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool,
         crops: Crops | None = None, stem: bool = True,
-    ) -> Tensor:
-        """Latent frame → features at the output frame rate, [B, C, 1 or 4, H/2ⁿ, W/2ⁿ]. With `stem=False`
-        x is already the stem's output (a column strip of it when `crops` is given, see `column_tiles`)."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """Latent frame → (features at the output frame rate [B, C, 1 or 4, ·, ·], the split block's shortcut
+        input or None), both at the resolution before the split block's spatial upsampling; `tail` finishes
+        that block. With `stem=False` x is already the stem's output (a column strip of it when `crops` is
+        given, see `column_tiles`)."""
         if stem:
             x = self.stem(x, prev, nxt)
-        return self._ups(x, prev, nxt, first, range(self.tail_start), crops)
+        if self.split is None:
+            return x, None
+        x = self._ups(x, prev, nxt, first, range(self.split), crops)
+        return self.up_blocks[self.split].pre(x, prev, nxt, first, None if crops is None else crops[self.split])
 
-    def tail(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], crops: Crops | None = None) -> Tensor:
-        """Features → clamped patches [B, out_channels, t, H, W]; causal per frame, so any t works."""
+    def tail(
+        self, x: Tensor, src: Tensor | None, sub: int, prev: list[Tensor] | None, nxt: list[Tensor],
+        crops: Crops | None = None,
+    ) -> Tensor:
+        """`head`'s output → clamped patches [B, out_channels, t, H, W]; causal per frame, so any t works (with
+        the matching frames of `src` and the first frame's temporal sub-position `sub`, see `_add_dup_up_`)."""
+        if self.split is not None:
+            x = self.up_blocks[self.split].post(x, src, sub, None if crops is None else crops[self.split])
         # `first` only matters for temporal upsampling, all in the head
         x = self._ups(x, prev, nxt, False, range(self.tail_start, len(self.up_blocks)), crops)
         y = self.conv_out(_norm_silu(x, self.norm_out), prev, nxt)
@@ -568,7 +628,20 @@ class Decoder(nn.Module):
         self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool,
         crops: Crops | None = None, stem: bool = True,
     ) -> Tensor:
-        return self.tail(self.head(x, prev, nxt, first, crops=crops, stem=stem), prev, nxt, crops=crops)
+        x, src = self.head(x, prev, nxt, first, crops=crops, stem=stem)
+        sub = self.up_blocks[self.split].ft - 1 if first and self.split is not None else 0
+        return self.tail(x, src, sub, prev, nxt, crops=crops)
+
+    def tail_frame(self, feats: Tensor, src: Tensor | None, j: int) -> tuple[Tensor, Tensor | None, int]:
+        """Output frame j of `head`'s (feats, src) → `tail`'s (x, src, sub) for that frame alone."""
+        if src is None:
+            return feats[:, :, j : j + 1], None, 0
+        na = feats.shape[2] // src.shape[2]
+        return feats[:, :, j : j + 1], src[:, :, j // na : j // na + 1], j % na
+
+    def tail_input_scale(self) -> int:
+        """Tail input rows (or columns) per latent row: the spatial upsamplings that run in the head."""
+        return 2 ** sum(b.upsampler is not None for b in self.up_blocks[: self.split or 0])
 
     def column_tiles(self, width: int, n: int) -> list[ColumnTile]:
         """Split the up path of a `width`-column stem output into n column strips that decode exactly.
@@ -647,9 +720,10 @@ class WanVAE(nn.Module):
     histories in place (only the first chunk allocates them):
       * `decoder_first_chunk(x)` — latent frame 0 → 1 frame of patches (runs once; eager is fine)
       * `decoder_chunk(x, hist)` — a later latent frame → 4 frames of patches (when `frame_tail` is off)
-      * `decoder_head(x, hist[:k])` then 4 × `decoder_tail(frame, hist[k:])` — the same, split so the
-        full-resolution tail sees one output frame per call (`frame_tail`, the default; k =
-        `decoder.head_histories`). Separate calls keep the compiler from interleaving the four frames.
+      * `decoder_head(x, hist[:k])` then 4 × `decoder_tail(frame, src, sub, hist[k:])` — the same, split so
+        the full-resolution tail sees one output frame per call (`frame_tail`, the default; k =
+        `decoder.head_histories`). Separate calls keep the compiler from interleaving the four frames; the
+        head stops before the last temporal block's spatial upsampling, so what it hands over is ¼ the size.
     Patches are [B, 12, t, H/2, W/2], already clamped to [-1, 1]. Settings read inside the units (set
     before compiling): `frame_tail`, the layout from `apply_channels_last_3d()`, and
     `apply_subpixel_upsample()` (off by default: not bit-faithful).
@@ -726,18 +800,21 @@ class WanVAE(nn.Module):
 
     def decoder_head(
         self, x: Tensor, hist: list[Tensor], crops: Crops | None = None, stem: bool = True
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Later latent frame → (features [B, C, 4, ·, ·] for `decoder_tail`); hist = the first
-        `decoder.head_histories` histories, updated in place. Tile-major: `stem=False`, x = a column
-        strip of the stem output, `crops` from its `ColumnTile`, hist without the stem's histories."""
+    ) -> tuple[tuple[Tensor, Tensor | None], list[Tensor]]:
+        """Later latent frame → ((features [B, C, 4, ·, ·], shortcut input) for `decoder_tail`, see
+        `Decoder.head`); hist = the first `decoder.head_histories` histories, updated in place. Tile-major:
+        `stem=False`, x = a column strip of the stem output, `crops` from its `ColumnTile`, hist without the
+        stem's histories."""
         nxt: list[Tensor] = []
         return self.decoder.head(x, hist, nxt, first=False, crops=crops, stem=stem), nxt
 
-    def decoder_tail(self, x: Tensor, hist: list[Tensor], crops: Crops | None = None) -> tuple[Tensor, list[Tensor]]:
-        """One frame of head features [B, C, 1, ·, ·] → (patches [B, 12, 1, ·, ·]); hist = the remaining
-        histories, updated in place."""
+    def decoder_tail(
+        self, x: Tensor, src: Tensor | None, sub: int, hist: list[Tensor], crops: Crops | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """One frame of head features [B, C, 1, ·, ·] (x, src, sub from `Decoder.tail_frame`) → (patches
+        [B, 12, 1, ·, ·]); hist = the remaining histories, updated in place."""
         nxt: list[Tensor] = []
-        return self.decoder.tail(x, hist, nxt, crops=crops), nxt
+        return self.decoder.tail(x, src, sub, hist, nxt, crops=crops), nxt
 
     def decoder_first_tile(self, x: Tensor, crops: Crops) -> tuple[Tensor, list[Tensor]]:
         """Tile-major decode: a column strip of latent frame 0's stem output → (its patches, the strip's new
@@ -817,11 +894,11 @@ class WanVAE(nn.Module):
                 emit(y, i)
             else:
                 k = self.decoder.head_histories
-                feats, _ = self.decoder_head(xi, hist[:k])
+                (feats, src), _ = self.decoder_head(xi, hist[:k])
                 for j in range(feats.shape[2]):
-                    y, _ = self.decoder_tail(feats[:, :, j : j + 1], hist[k:])
+                    y, _ = self.decoder_tail(*self.decoder.tail_frame(feats, src, j), hist[k:])
                     emit(y, i, j)
-                del feats
+                del feats, src
         return out
 
     def _decode_tiles(self, x: Tensor, emit, progress_desc: str) -> None:
@@ -851,10 +928,11 @@ class WanVAE(nn.Module):
                 y, hist = self.decoder_first_tile(xi, tile.crops)
                 emit(y, i, cols=tile.dst)
                 continue
-            feats = self.decoder_head(xi, hist[:k], tile.crops, stem=False)[0]  # (the returned histories
-            for j in range(feats.shape[2]):  # are `hist` itself: not kept, so a strip's die with `hist`)
-                emit(self.decoder_tail(feats[:, :, j : j + 1], hist[k:], tile.crops)[0], i, j, tile.dst)
-            del feats
+            feats, src = self.decoder_head(xi, hist[:k], tile.crops, stem=False)[0]  # (the returned
+            for j in range(feats.shape[2]):  # histories are `hist` itself: not kept, so a strip's die with it)
+                y = self.decoder_tail(*dec.tail_frame(feats, src, j), hist[k:], tile.crops)[0]
+                emit(y, i, j, tile.dst)
+            del feats, src
 
     # ---- encode
 

@@ -199,7 +199,7 @@ def _decode_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         vae = build_vae(VAEConfig.from_dict(raw), with_encoder=False, device="cpu")
         return init_vae_random_(vae, 3).eval().requires_grad_(False)
 
-    z = torch.randn(1, 48, 3, 7, 5, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 48, 3, 12, 5, generator=torch.Generator().manual_seed(0))
     want = build().decode_frames(z)
     par = distributed.init_parallel(OmegaConf.create(dict(cfg=False, ulysses=0, backend="gloo")), "cpu")
     vae = build()
@@ -224,8 +224,9 @@ def test_row_parallel_decode_is_exact_and_only_rank0_writes(tmp_path):
     mp.spawn(_decode_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     print(reports)
-    # tail input 28 rows (7 latent rows × 4): 14 per rank plus an 11-row halo toward the other block
-    assert [r["block"] for r in reports] == [[14, 0, 14, 0, 25], [14, 14, 28, 3, 28]]
+    # tail input 24 rows (12 latent rows × 2; the split block's ×2 runs in the tail): 12 per rank plus a
+    # 7-row halo toward the other block
+    assert [r["block"] for r in reports] == [[12, 0, 12, 0, 19], [12, 12, 24, 5, 24]]
     assert all(r["exact"] for r in reports), reports  # halo too small by 3 rows shows up only at ~1e-5
     assert all(r["max_abs_channels_last"] <= 1e-5 for r in reports), reports
     # only global rank 0 writes (rank 1 decoded its rows but wrote nothing, not even its output folder)

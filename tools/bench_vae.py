@@ -12,6 +12,8 @@ GPU:    python tools/bench_vae.py
         python tools/bench_vae.py --no-diffusers --ours compiled_cl --memory-trace compiled_cl --cudnn-benchmark 0
         python tools/bench_vae.py --truth --ours eager_cl,eager_cl_t2,compiled_cl_exact,compiled_cl_exact_t2
                                                    (+ PSNR against an fp32 decode; tile-major in 2 strips)
+        python tools/bench_vae.py --no-diffusers --ours compiled_cl_exact_t2 --profile compiled_cl_exact_t2
+                                                   (+ GPU kernel time by kind: convolutions vs the rest)
 Smoke:  python tools/bench_vae.py --smoke          (tiny widths on the CPU, checks the script end to end)
 
 Memory floor: the causal histories (3.06 GiB in bf16 at 720p) and the output video (0.42 GiB) are live at
@@ -200,6 +202,48 @@ def memory_trace(fn, top: int = 12) -> dict:
     }
 
 
+def kernel_kind(name: str) -> str:
+    """Coarse kind of a GPU kernel from its name: convolutions (cuDNN / CUTLASS implicit GEMM), inductor's
+    generated kernels, GEMMs, copies and the rest."""
+    low = name.lower()
+    if "triton" in low:
+        return "inductor (triton)"
+    if any(k in low for k in ("conv", "fprop", "implicit", "dgrad", "xmma", "cudnn")):
+        return "convolution"
+    if any(k in low for k in ("gemm", "cutlass", "cublas", "nvjet")):
+        return "gemm"
+    if any(k in low for k in ("copy", "memcpy", "memset", "fill")):
+        return "copy / fill"
+    if any(k in low for k in ("flash", "fmha", "attention")):
+        return "attention"
+    return "other"
+
+
+def kernel_profile(fn, device: torch.device, top: int = 15) -> dict:
+    """One call under torch.profiler: summed GPU kernel time by `kernel_kind`, and the `top` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(e.name, []).append(e.device_time / 1e6)  # µs → s
+    kinds: dict[str, float] = {}
+    for name, ts in kernels.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(ts)
+    rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "kernel_s": sum(kinds.values()),
+        "launches": sum(len(ts) for ts in kernels.values()),
+        "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": n[:160], "s": sum(ts), "calls": len(ts), "kind": kernel_kind(n)} for n, ts in rows],
+    }
+
+
 def compare(x: torch.Tensor, ref: torch.Tensor) -> dict:
     """PSNR over the [-1, 1] range (peak-to-peak 2) and max |x - ref|, computed frame by frame in fp32."""
     se, n, mx = 0.0, 0, 0.0
@@ -235,6 +279,11 @@ def main() -> None:
         "prints what is live at the peak",
     )
     ap.add_argument(
+        "--profile",
+        default="",
+        help="comma list of modes to profile once more (torch.profiler): GPU kernel time by kind and the top kernels",
+    )
+    ap.add_argument(
         "--truth",
         action="store_true",
         help="also decode once in fp32 (same weights upcast, TF32 off) and report every mode's PSNR against it",
@@ -259,6 +308,7 @@ def main() -> None:
     for m in modes:
         parse_mode(m)
     traced = {m for m in args.memory_trace.split(",") if m}
+    profiled = {m for m in args.profile.split(",") if m}
     if args.smoke:
         traced = set()  # the allocator history is CUDA-only
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # fixed shapes: let cuDNN pick its fastest algorithms
@@ -325,6 +375,8 @@ def main() -> None:
             del video
             if mode in traced:
                 results[mode]["memory_trace"] = memory_trace(lambda: vae.decode_frames(z))
+            if mode in profiled:
+                results[mode]["profile"] = kernel_profile(lambda: vae.decode_frames(z), device)
             del vae
             print(f"{mode}: {json.dumps(results[mode])}", flush=True)  # partial results survive a timeout
     if "diffusers" in videos and "eager" in videos:
@@ -353,6 +405,12 @@ def main() -> None:
     (out_dir / "bench_vae.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
     table = markdown(env, results)
     for name, r in results.items():
+        if "profile" in r:
+            p = r["profile"]
+            lines = [f"{name}: GPU kernels {p['kernel_s']:.3f} s over {p['launches']} launches; by kind:"]
+            lines += [f"  {s:7.3f} s  {k}" for k, s in p["by_kind_s"].items()]
+            lines += [f"  {x['s']:7.3f} s {x['calls']:6d} x  [{x['kind']}] {x['name'][:100]}" for x in p["top"]]
+            table = "\n".join(lines) + "\n\n" + table
         if "memory_trace" in r:
             t = r["memory_trace"]
             lines = [f"{name}: allocator peak {t['peak_gib']:.2f} GiB over the call; live at the peak:"]
