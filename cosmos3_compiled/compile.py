@@ -148,7 +148,7 @@ def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts:
     """Compile the VAE's per-chunk decoder bodies (fullgraph); "eager" leaves them alone.
 
     channels_last: lay the decoder out channels_last_3d first (pays only compiled: H100 720p bf16 decode
-    2.77 s vs 4.36 s eager; eager channels_last is slower, 4.65 s).
+    2.68 s compiled, 5.47 s eager channels_last; docs/benchmarks/wan22_vae_h100_20261126.md, fifth pass).
     emulate_casts: inductor rounds every intermediate to the tensor dtype where eager would
     (`emulate_precision_casts`) instead of keeping fused elementwise chains in fp32, so a bf16 compiled
     decode tracks the eager one: 50.8 dB vs 49.7 dB without (H100, 720p; the VAE's own epilogues are
