@@ -344,6 +344,16 @@ def test_chunk_body_inductor_matches_eager(ours, frame_tail, monkeypatch):
     assert (got - ours.decode_frames(latent)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
+def test_channels_last_inductor_units_match_diffusers(ref, folder):
+    """The product path (`compile.vae=default`): channels_last_3d, inductor, conv inputs pinned to the conv's
+    strides and block outputs stored once (vae._pin_strides / _stored) — still the reference's decode."""
+    vae = load_vae(folder, with_encoder=False, channels_last_3d=True)
+    latent = _latent(4, 2, 3, seed=15)
+    got = _compiled_decode(vae, latent, "inductor")
+    assert (got - _reference_decode(ref, latent)).abs().max().item() <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
