@@ -342,10 +342,11 @@ def tail_halo(decoder) -> int:
     history is its input, which is no deeper), so the bound holds over every frame.
     """
     depth, scale = 0, 1
-    if decoder.split is not None:  # the split block's spatial upsampling opens the tail (see Decoder.head)
-        depth, scale = 2, 2
-    for block in decoder.up_blocks[decoder.tail_start :]:
-        for resnet in block.resnets:
+    # The tail opens with the split block's spatial upsampling (its resnets ran in the head, see Decoder.head)
+    first = decoder.tail_start if decoder.split is None else decoder.split
+    for i in range(first, len(decoder.up_blocks)):
+        block = decoder.up_blocks[i]
+        for resnet in block.resnets if i >= decoder.tail_start else ():
             depth += resnet.conv1.spatial_pad[1] + resnet.conv2.spatial_pad[1]
         if block.upsampler is not None:
             depth, scale = 2 * (depth + 1), 2 * scale  # nearest ×2, then its 3×3 conv (or the 2×2 sub-pixel conv)

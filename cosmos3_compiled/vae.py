@@ -172,6 +172,11 @@ def _finish(y: Tensor, *terms: Tensor) -> Tensor:
     return out.to(y.dtype)
 
 
+def _biased(y: Tensor, conv: nn.Module) -> Tensor:
+    """A bias-free conv output plus that conv's bias, summed in fp32 and rounded once (see `_finish`)."""
+    return _finish(y, _channel_bias(conv.bias, y.ndim))
+
+
 def _rms_norm_f32(x: Tensor, gamma: Tensor, scale: float, dim: int) -> Tensor:
     """x / max(||x||_dim, eps) · sqrt(C) · gamma, in fp32 (x already fp32)."""
     return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(_NORM_EPS) * scale * gamma.float()
@@ -400,12 +405,12 @@ class Encoder(nn.Module):
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, (3, 3, 3))
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
-        x = _finish(self.conv_in(x, prev, nxt), _channel_bias(self.conv_in.bias, x.ndim))
+        x = _biased(self.conv_in(x, prev, nxt), self.conv_in)
         for block in self.down_blocks:
             x = block(x, prev, nxt)
         x = self.mid_block(x, prev, nxt)
         y = self.conv_out(_norm_silu(x, self.norm_out), prev, nxt)
-        return _finish(y, _channel_bias(self.conv_out.bias, y.ndim))
+        return _biased(y, self.conv_out)
 
 
 # -------------------------------------------------------------------------------------------- decoder
@@ -502,7 +507,7 @@ class Upsample(nn.Module):
             nxt.append(z.contiguous(memory_format=self.time_conv.memory_format))
             return x
         y = self.time_conv(x, prev, nxt)  # [B, 2C, t, H, W]
-        y = _finish(y, _channel_bias(self.time_conv.bias, y.ndim))
+        y = _biased(y, self.time_conv)
         return rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
 
     def spatial(self, x: Tensor) -> Tensor:
@@ -547,7 +552,11 @@ class ResidualUpBlock(nn.Module):
         self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool, crops: BlockCrops | None = None
     ) -> Tensor:
         x, src = self.pre(x, prev, nxt, first, crops)
-        return self.post(x, src, self.ft - 1 if first else 0, crops)
+        return self.post(x, src, self.first_sub(first), crops)
+
+    def first_sub(self, first: bool) -> int:
+        """Temporal sub-position of a chunk's first output frame: only the last one exists on the first chunk."""
+        return self.ft - 1 if first else 0
 
 
 def _count_histories(parts: list[nn.Module]) -> int:
@@ -577,17 +586,17 @@ class Decoder(nn.Module):
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, (3, 3, 3))
         # Up blocks from here on run at the output frame rate (after the last temporal upsampling).
         temporal = [i for i in range(last) if cfg.temporal_upsample[i]]
-        self.tail_start = temporal[-1] + 1 if temporal else 0
         # That last temporal block's spatial half (nearest ×2, 3×3 conv, shortcut) also runs in the tail, per
         # output frame, so the head hands over its features before the ×4 in pixels (`ResidualUpBlock.pre`).
         self.split = temporal[-1] if temporal else None
+        self.tail_start = 0 if self.split is None else self.split + 1
         head = [self.conv_in, self.mid_block, *self.up_blocks[: self.tail_start]]
         self.head_histories = _count_histories(head)
         self.stem_histories = _count_histories([self.conv_in, self.mid_block])
 
     def stem(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
         """Latent frame → conv_in + mid block (latent resolution; the mid attention is frame-global)."""
-        x = _finish(self.conv_in(x, prev, nxt), _channel_bias(self.conv_in.bias, x.ndim))
+        x = _biased(self.conv_in(x, prev, nxt), self.conv_in)
         return self.mid_block(x, prev, nxt)
 
     def _ups(self, x: Tensor, prev, nxt, first: bool, blocks: range, crops: Crops | None) -> Tensor:
@@ -629,7 +638,7 @@ class Decoder(nn.Module):
         crops: Crops | None = None, stem: bool = True,
     ) -> Tensor:
         x, src = self.head(x, prev, nxt, first, crops=crops, stem=stem)
-        sub = self.up_blocks[self.split].ft - 1 if first and self.split is not None else 0
+        sub = 0 if self.split is None else self.up_blocks[self.split].first_sub(first)
         return self.tail(x, src, sub, prev, nxt, crops=crops)
 
     def tail_frame(self, feats: Tensor, src: Tensor | None, j: int) -> tuple[Tensor, Tensor | None, int]:
@@ -866,7 +875,7 @@ class WanVAE(nn.Module):
             )
         mean, inv_std = self._stats()
         x = self.post_quant_conv.pointwise(z.to(device=self.device, dtype=self.dtype) / inv_std + mean)
-        x = _finish(x, _channel_bias(self.post_quant_conv.bias, x.ndim))
+        x = _biased(x, self.post_quant_conv)
         x = x.contiguous(memory_format=self.memory_format)  # [B, z, T, h, w]
         b, _, t, _, _ = x.shape
         p = self.cfg.patch_size
