@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
 from cosmos3_compiled.checkpoint import build_random  # noqa: E402
 from cosmos3_compiled.compile import CompileSettings, apply_compile, capture_cuda_graph, compile_counters  # noqa: E402
 from cosmos3_compiled.config import preset, replace  # noqa: E402
-from timing import time_calls  # noqa: E402
+from timing import gpu_kernels, time_calls  # noqa: E402
 
 CEILINGS = {"matmul_tflops": 770.0, "sdpa_cudnn_tflops": 636.0}
 
@@ -47,17 +47,8 @@ def recompile(model, mode: str, scope: str) -> None:
 
 def kernel_sum(fn, iters: int) -> dict:
     """Sum of GPU kernel time and kernel launches per call, from the profiler (CUPTI also sees graph replays)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "Memset" not in e.name
-               and "Memcpy" not in e.name]
-    total_us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
-    return {"kernel_s": total_us / 1e6 / iters, "kernels_per_call": len(kernels) / iters}
+    kernels = [s for name, s in gpu_kernels(fn, iters) if "Memset" not in name and "Memcpy" not in name]
+    return {"kernel_s": sum(kernels) / iters, "kernels_per_call": len(kernels) / iters}
 
 
 def flops(cfg, n_video: int, n_text: int) -> dict:

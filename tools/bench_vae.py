@@ -44,6 +44,7 @@ from cosmos3_compiled.checkpoint_io import assign_strict  # noqa: E402
 from cosmos3_compiled.compile import apply_compile_vae  # noqa: E402
 from cosmos3_compiled.progress import set_progress_enabled  # noqa: E402
 from cosmos3_compiled.vae import VAEConfig, WanVAE, build_vae, wan22_config  # noqa: E402
+from timing import gpu_kernels  # noqa: E402  (tools/, this script's folder)
 
 WAN22 = wan22_config()
 # A mode is `eager` or `compiled`, plus any of: `_cl` (channels_last_3d), `_chunk` (whole-chunk tail
@@ -221,17 +222,9 @@ def kernel_kind(name: str) -> str:
 
 def kernel_profile(fn, device: torch.device, top: int = 15) -> dict:
     """One call under torch.profiler: summed GPU kernel time by `kernel_kind`, and the `top` kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.setdefault(e.name, []).append(e.device_time / 1e6)  # µs → s
+    for name, s in gpu_kernels(fn) if device.type == "cuda" else []:
+        kernels.setdefault(name, []).append(s)
     kinds: dict[str, float] = {}
     for name, ts in kernels.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(ts)

@@ -1,4 +1,5 @@
-"""Timing helper shared by the benchmark scripts: CUDA events on a GPU, perf_counter on the CPU."""
+"""Timing helpers shared by the benchmark scripts: CUDA events on a GPU, perf_counter on the CPU, and the
+profiler's GPU kernel times."""
 
 from __future__ import annotations
 
@@ -28,3 +29,20 @@ def time_calls(fn, warmup: int, iters: int, device: torch.device | str = "cuda")
         end.synchronize()
         out.append(start.elapsed_time(end) / 1e3)
     return out
+
+
+def gpu_kernels(fn, iters: int = 1) -> list[tuple[str, float]]:
+    """(name, seconds) of every GPU activity (kernels, memcpy, memset) the profiler records over `iters` calls
+    of `fn`; CUPTI also sees kernels replayed from a CUDA graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return [
+        (e.name, (e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total) / 1e6)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
