@@ -374,6 +374,43 @@ class _TextWeightStreamer:
         self.host = []
 
 
+class _PinnedHostBuffers:
+    """Host parameters moved into one buffer per dtype, page-locked in place with `cudaHostRegister` (one call,
+    no pinned-allocator rounding), and unregistered before the buffers can be freed: the owner keeps this
+    object exactly as long as the parameters that view the buffers."""
+
+    ALIGN = 256  # bytes: each parameter starts on a DMA-friendly boundary
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.buffers: list[torch.Tensor] = []
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        cudart = torch.cuda.cudart()
+        for dtype, group in by_dtype.items():
+            step = max(1, self.ALIGN // group[0].element_size())
+            offsets, total = [], 0
+            for p in group:
+                offsets.append(total)
+                total += -(-p.numel() // step) * step
+            flat = torch.empty(total, dtype=dtype)
+            for p, off in zip(group, offsets):
+                view = flat[off : off + p.numel()].view(p.shape)
+                view.copy_(p.data)
+                p.data = view
+            err = cudart.cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {flat.numel() * flat.element_size() / 2**30:.1f} GiB "
+                                   f"of text-tower weights failed ({err})")
+            self.buffers.append(flat)
+
+    def __del__(self):
+        if torch.cuda.is_initialized():
+            cudart = torch.cuda.cudart()
+            for flat in self.buffers:
+                cudart.cudaHostUnregister(flat.data_ptr())
+
+
 @dataclass
 class Branch:
     """Everything one CFG branch's video step reads, allocated once (`Cosmos3Transformer.setup_branch`).
@@ -410,6 +447,7 @@ class Cosmos3Transformer(nn.Module):
         self.proj_out = nn.Linear(cfg.hidden_size, cfg.patch_latent_dim)
         self.time_embedder = TimestepEmbedder(cfg.hidden_size)
         self.sequence_parallel = None  # distributed.Ulysses under sequence parallelism (apply_sequence_parallel)
+        self._pinned_text: _PinnedHostBuffers | None = None  # page-locked text weights (offload_text_tower)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -531,47 +569,58 @@ class Cosmos3Transformer(nn.Module):
         """Keep the text tower's weights in host memory; `text_pass` streams them in one layer at a time, so the
         GPU holds the video tower, the K/V buffers and at most two text layers.
 
-        pin: page-lock them (CUDA only). Measured on an H100 host for Nano (docs/benchmarks): the text pass of
-        both CFG branches 1.3 s instead of 5.4 s, but pinning 14 GB costs 12 s once at load — it pays off from
-        the fourth prompt a process serves (`compile.pin_text_tower`)."""
+        pin: page-lock them (CUDA only), so the streamed copies run at full bus speed and overlap compute.
+        They are packed into one host buffer per dtype and registered in place (`cudaHostRegister`):
+        page-locking that way measured 0.6 s per 4 GiB on an H100 host, against 3.2 s through
+        `Tensor.pin_memory` (docs/benchmarks/cosmos3_nano_h100_20261126.md, §4)."""
         pin = pin and self.device.type == "cuda"
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if not self.is_text_param(name):
-                    continue
-                if p.device.type != "cpu":
+                if self.is_text_param(name) and p.device.type != "cpu":
                     p.data = p.data.cpu()
-                if pin and not p.data.is_pinned():
-                    p.data = p.data.pin_memory()
+            if pin:
+                params = [p for n, p in self.named_parameters() if self.is_text_param(n) and not p.data.is_pinned()]
+                if params:
+                    self._pinned_text = _PinnedHostBuffers(params)
 
-    @torch.no_grad()
     def text_pass(self, input_ids: torch.Tensor, branch: Branch) -> None:
         """Run the text tower over `input_ids` [L] and fill rows [:L] of the branch's K/V buffers."""
-        L = input_ids.shape[0]
-        if L != branch.text_len:
-            raise ValueError(f"text pass got {L} tokens for a branch set up for {branch.text_len}")
-        cfg, dev = self.cfg, self.device
-        cos, sin = ops.mrope_tables(
-            ops.text_positions(L).to(dev), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype
-        )
+        self.text_passes([(input_ids, branch)])
+
+    @torch.no_grad()
+    def text_passes(self, prompts: list[tuple[torch.Tensor, Branch]]) -> None:
+        """The text pass of several (input_ids [L], branch) pairs, layer by layer: each layer runs every prompt
+        before the next, so an offloaded text tower crosses to the GPU once for all of them (the CFG branches of
+        a request), not once per prompt. The same ops on the same values as one prompt at a time."""
+        for input_ids, branch in prompts:
+            if input_ids.shape[0] != branch.text_len:
+                raise ValueError(f"text pass got {input_ids.shape[0]} tokens for a branch set up for {branch.text_len}")
+        cfg, dev, sp = self.cfg, self.device, self.sequence_parallel
         emb = self.embed_tokens.weight
-        h = F.embedding(input_ids.to(emb.device), emb).to(dev)  # [L, d]
+        runs = []  # per prompt: [hidden, cos, sin, length, branch]
+        for input_ids, branch in prompts:
+            L = input_ids.shape[0]
+            cos, sin = ops.mrope_tables(
+                ops.text_positions(L).to(dev), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype
+            )
+            runs.append([F.embedding(input_ids.to(emb.device), emb).to(dev), cos, sin, L, branch])  # [L, d]
         last = len(self.layers) - 1
-        sp = self.sequence_parallel
         streamer = _TextWeightStreamer(self, dev) if self.text_offloaded else None
         for i, layer in enumerate(self.layers):
-            if sp is None:
-                k_out, v_out = branch.k_bufs[i][:, :L].transpose(0, 1), branch.v_bufs[i][:, :L].transpose(0, 1)
-            else:  # every rank runs the whole text tower, then keeps its own kv heads
-                full = (cfg.num_key_value_heads, L, cfg.head_dim)
-                k_out = torch.empty(full, device=dev, dtype=self.dtype).transpose(0, 1)  # [L, Hkv, D]
-                v_out = torch.empty(full, device=dev, dtype=self.dtype).transpose(0, 1)
             if streamer is not None:
                 streamer.enter(i)
-            h = layer.text_forward(h, cos, sin, k_out, v_out, last=i == last)
-            if sp is not None:
-                branch.k_bufs[i][:, :L] = sp.shard_heads(k_out, dim=1).transpose(0, 1)
-                branch.v_bufs[i][:, :L] = sp.shard_heads(v_out, dim=1).transpose(0, 1)
+            for run in runs:
+                h, cos, sin, L, branch = run
+                if sp is None:
+                    k_out, v_out = branch.k_bufs[i][:, :L].transpose(0, 1), branch.v_bufs[i][:, :L].transpose(0, 1)
+                else:  # every rank runs the whole text tower, then keeps its own kv heads
+                    full = (cfg.num_key_value_heads, L, cfg.head_dim)
+                    k_out = torch.empty(full, device=dev, dtype=self.dtype).transpose(0, 1)  # [L, Hkv, D]
+                    v_out = torch.empty(full, device=dev, dtype=self.dtype).transpose(0, 1)
+                run[0] = layer.text_forward(h, cos, sin, k_out, v_out, last=i == last)
+                if sp is not None:
+                    branch.k_bufs[i][:, :L] = sp.shard_heads(k_out, dim=1).transpose(0, 1)
+                    branch.v_bufs[i][:, :L] = sp.shard_heads(v_out, dim=1).transpose(0, 1)
             if streamer is not None:
                 streamer.leave(i)
 

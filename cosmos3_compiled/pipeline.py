@@ -5,8 +5,11 @@ The one place where components and stages are instantiated; each stage gets only
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import attention_fa4
 from .checkpoint_io import CheckpointError, read_json
 from .compile import (
-    MODES, CompileSettings, apply_compile, apply_compile_text, apply_compile_vae, compile_counters, setup_compile_cache,
+    MODES, CompileCache, CompileSettings, apply_compile, apply_compile_text, apply_compile_vae, compile_counters, setup_compile_cache,
 )
 from .components import DTYPES, build_embedded, check_checkpoint_folder, load_checkpoint
 from .config import ConfigError, preset
@@ -23,6 +26,9 @@ from .model import fused_qk_rope_supported
 from .distributed import ParallelError, apply_row_parallel_decode, apply_sequence_parallel, init_parallel, teardown
 from .progress import set_progress_enabled
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, SchedulerConfigError
+
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -157,6 +163,7 @@ def generate(cfg: DictConfig, out_dir: str | Path):
         state = _generate(cfg, Path(out_dir), request, par.device if par else device, dtype, vae_dtype, par,
                           t_start)
     except BaseException:
+        RESIDENT.drop()  # a failed job may leave them half-way (e.g. text weights mid-stream): never reuse
         teardown(par, barrier=False)  # another rank may be stuck in a collective: don't wait for it
         raise
     teardown(par)
@@ -184,40 +191,22 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
     set_progress_enabled(cfg.output.progress)
 
     metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "seconds": {}}
+    counters_at_start = compile_counters()
     t0 = time.perf_counter()
-    if cfg.checkpoint is None:
-        transformer, vae, _, tokenizer = build_embedded(cfg.model.name, cfg.model.init_seed, device, dtype, vae_dtype,
-                                                        offload_text_tower=cfg.compile.offload_text_tower)
-        source = f"embedded:{cfg.model.name}"
-    else:
-        transformer, vae, _, tokenizer = load_checkpoint(
-            str(cfg.checkpoint), device, dtype, vae_dtype, with_encoder=request.image_to_video,
-            offload_text_tower=cfg.compile.offload_text_tower,
-        )
-        source = str(Path(str(cfg.checkpoint)).resolve())
-    scheduler = FlowUniPCScheduler.from_config(sched_raw)
-    transformer.set_attention_backend(cfg.model.attention_backend, gqa=_value(cfg.model.gqa))
-    transformer.set_fused_qk_rope(fused_qk_rope_enabled(cfg.model.fused_qk_rope, device))
-    if cfg.compile.pin_text_tower:
-        transformer.offload_text_tower(pin=True)
-    if par is not None:
-        apply_sequence_parallel(transformer, par.ulysses)
+    key = resident_key(cfg, request) if cfg.keep_loaded and par is None else None
+    models = RESIDENT.take(key)
+    metrics["models"] = "reused" if models is not None else "loaded"
+    if models is None:
+        models = RESIDENT.hold(key, _load_models(cfg, request, device, dtype, vae_dtype, par))
     _sync(device)
     metrics["seconds"]["load"] = time.perf_counter() - t0
-    components = Components(transformer, vae, scheduler, tokenizer, device, dtype, source, parallel=par)
-
-    cache = setup_compile_cache(cfg.compile.cache_dir)
-    settings = CompileSettings(
-        mode=cfg.compile.mode, scope=cfg.compile.scope, fullgraph=cfg.compile.fullgraph, dynamic=cfg.compile.dynamic,
-        recompile_limit=cfg.compile.recompile_limit, inductor=dict(cfg.compile.inductor),
-    )
-    apply_compile(transformer, settings)
-    vae.tiles = cfg.model.vae_tiles
-    apply_compile_vae(vae, cfg.compile.vae)
-    row_decode = par is not None and cfg.parallel.vae_rows and apply_row_parallel_decode(vae, par) is not None
+    transformer, vae = models.transformer, models.vae
+    scheduler = FlowUniPCScheduler.from_config(sched_raw)
+    components = Components(transformer, vae, scheduler, models.tokenizer, device, dtype, models.source, parallel=par,
+                            served=models.served)
+    row_decode = models.row_decode
     if par is not None:
         metrics["parallel"] = par.describe()
-    apply_compile_text(transformer, cfg.compile.text_pass)
     stages = [
         ("tokenize", Tokenize(components)),
         ("text_pass", TextPass(components)),  # with compile.offload_text_tower the loader already placed
@@ -235,7 +224,7 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         skip = ("postprocess", "save") if row_decode else ("decode", "postprocess", "save")
         stages = [(name, stage) for name, stage in stages if name not in skip]
     state = State(request=request, metrics=metrics)
-    metrics["source"] = source
+    metrics["source"] = models.source
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for name, stage in stages:
@@ -244,23 +233,144 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         _sync(device)
         metrics["seconds"][name] = time.perf_counter() - t0
     metrics["seconds"]["total"] = time.perf_counter() - t_start
-    metrics["compile"] = {**compile_counters(), "recompiles": metrics.get("steps", {}).get("recompiles_after_warmup", 0),
+    counted = {k: v - counters_at_start[k] for k, v in compile_counters().items()}  # this job's share
+    cache = models.cache
+    metrics["compile"] = {**counted, "recompiles": metrics.get("steps", {}).get("recompiles_after_warmup", 0),
                           "mode": cfg.compile.mode, "scope": cfg.compile.scope, "warm_cache": bool(cache and cache.loaded)}
-    if cache is not None:
+    if cache is not None and counted["unique_graphs"]:  # only when this job compiled something new
         cache.save()
     if device.type == "cuda":
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if writer:
         state.outputs["metrics"] = write_metrics(state, out_dir)
-    release(components, device)
+    components.transformer = components.vae = None
+    if key is None:  # keep_loaded=false, or under torchrun
+        RESIDENT.drop()
     return state
 
 
-def release(components, device: torch.device) -> None:
-    """Drop the models and every compiled graph that references them (sweeps run jobs in one process)."""
+@dataclass
+class Models:
+    """What a job loads and prepares once, and a later job with the same settings may reuse (see `Resident`)."""
+
+    transformer: object  # model.Cosmos3Transformer, backends set and compiled per the config
+    vae: object  # vae.WanVAE
+    tokenizer: object  # prompting.PromptTokenizer
+    source: str
+    settings: CompileSettings
+    cache: CompileCache | None
+    row_decode: bool
+    served: ServedBuckets  # request shapes compiled so far
+    device: torch.device
+
+
+def _load_models(cfg, request, device, dtype, vae_dtype, par) -> Models:
+    if cfg.checkpoint is None:
+        transformer, vae, _, tokenizer = build_embedded(cfg.model.name, cfg.model.init_seed, device, dtype, vae_dtype,
+                                                        offload_text_tower=cfg.compile.offload_text_tower)
+        source = f"embedded:{cfg.model.name}"
+    else:
+        transformer, vae, _, tokenizer = load_checkpoint(
+            str(cfg.checkpoint), device, dtype, vae_dtype, with_encoder=request.image_to_video,
+            offload_text_tower=cfg.compile.offload_text_tower,
+        )
+        source = str(Path(str(cfg.checkpoint)).resolve())
+    transformer.set_attention_backend(cfg.model.attention_backend, gqa=_value(cfg.model.gqa))
+    transformer.set_fused_qk_rope(fused_qk_rope_enabled(cfg.model.fused_qk_rope, device))
+    if cfg.compile.pin_text_tower:
+        t0 = time.perf_counter()
+        transformer.offload_text_tower(pin=True)
+        log.info("text-tower weights page-locked in %.1f s", time.perf_counter() - t0)
+    if par is not None:
+        apply_sequence_parallel(transformer, par.ulysses)
+    cache = setup_compile_cache(cfg.compile.cache_dir)
+    settings = CompileSettings(
+        mode=cfg.compile.mode, scope=cfg.compile.scope, fullgraph=cfg.compile.fullgraph, dynamic=cfg.compile.dynamic,
+        recompile_limit=cfg.compile.recompile_limit, inductor=dict(cfg.compile.inductor),
+    )
+    apply_compile(transformer, settings)
+    vae.tiles = cfg.model.vae_tiles
+    apply_compile_vae(vae, cfg.compile.vae)
+    row_decode = par is not None and cfg.parallel.vae_rows and apply_row_parallel_decode(vae, par) is not None
+    apply_compile_text(transformer, cfg.compile.text_pass)
+    served = ServedBuckets(settings.recompile_limit)
+    return Models(transformer, vae, tokenizer, source, settings, cache, row_decode, served, device)
+
+
+def resident_key(cfg: DictConfig, request) -> str:
+    """Everything that decides what `_load_models` builds; the request itself (prompt, seed, size, steps,
+    guidance) and the outputs are not part of it."""
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True).items()
+             if k not in ("height", "width", "num_frames")}  # request defaults only
+    checkpoint = None if cfg.checkpoint is None else str(Path(str(cfg.checkpoint)).resolve())
+    compile_cfg = OmegaConf.to_container(cfg.compile, resolve=True, enum_to_str=True)
+    compile_cfg.pop("warmup_steps")  # read by the denoise stage per job
+    return json.dumps({
+        "checkpoint": checkpoint, "model": model, "device": _value(cfg.device), "dtype": _value(cfg.dtype),
+        "compile": compile_cfg, "image_encoder": checkpoint is not None and request.image_to_video,
+    }, sort_keys=True)
+
+
+class ServedBuckets:
+    """Request shapes whose compiled graphs the resident models hold. Each text length (per latent size) is one
+    more graph of the video step and each latent size one more of the VAE units, and dynamo stops compiling
+    (falls back to eager) past compile.recompile_limit graphs per function; so before a request would cross
+    that, the compiled code is reset and compiles afresh (from the on-disk caches where they are warm)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.text: set = set()  # (latent shape, text length)
+        self.latent: set = set()  # latent shape
+
+    def add(self, latent_shape: tuple, text_lens: list[int]) -> bool:
+        """Record one request's shapes; True when the compiled graphs had to be reset first."""
+        text = {(tuple(latent_shape), n) for n in text_lens}
+        reset = len(self.text | text) > self.limit or len(self.latent | {tuple(latent_shape)}) > self.limit
+        if reset:
+            torch.compiler.reset()
+            self.text.clear()
+            self.latent.clear()
+        self.text |= text
+        self.latent.add(tuple(latent_shape))
+        return reset
+
+
+class Resident:
+    """The one set of loaded models of this process. A job holds them while it runs; afterwards they stay for
+    the next job (Hydra's basic launcher runs a sweep's jobs in one process), which takes them when its
+    `resident_key` matches. Any other key, or a failed job, frees them first, so two model sets never share
+    the GPU and a job never inherits models left half-way by an error."""
+
+    def __init__(self):
+        self.key: str | None = None
+        self.models: Models | None = None
+
+    def take(self, key: str | None) -> Models | None:
+        """The held models when they were built for `key`; otherwise free them and return None."""
+        if key is not None and key == self.key:
+            return self.models
+        self.drop()
+        return None
+
+    def hold(self, key: str | None, models: Models) -> Models:
+        self.drop()
+        self.key, self.models = key, models
+        return models
+
+    def drop(self) -> None:
+        models, self.key, self.models = self.models, None, None
+        if models is not None:
+            release(models, models.device)
+
+
+RESIDENT = Resident()
+
+
+def release(models: Models, device: torch.device) -> None:
+    """Drop the models and every compiled graph that references them."""
     import gc
 
-    components.transformer = components.vae = None
+    models.transformer = models.vae = None
     torch.compiler.reset()
     gc.collect()
     if device.type == "cuda":

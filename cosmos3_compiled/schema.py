@@ -108,6 +108,7 @@ class GenerateConfig:
     seed: int = 0
     device: Device = Device.cpu
     dtype: DType = DType.float32
+    keep_loaded: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)

@@ -63,6 +63,7 @@ class Denoise:
         self.scheduler = components.scheduler
         self.mode, self.warmup, self.batch_cfg = mode, warmup_steps, batch_cfg
         self.parallel = components.parallel
+        self.served = components.served
 
     @torch.no_grad()
     def __call__(self, state: State) -> State:
@@ -74,9 +75,16 @@ class Denoise:
                            cfg_gather=par.gather_cfg if split_cfg else None, batch_cfg=batch_cfg)
         bucket = {"latent": list(state.request.latent_shape), "text": [b.text_len for b in state.branches]}
         state.metrics["shape_bucket"] = bucket
+        known = self.served is not None and set((tuple(bucket["latent"]), n) for n in bucket["text"]) <= self.served.text
+        if self.served is not None and self.served.add(bucket["latent"], bucket["text"]):
+            log.info("compile=%s: this process served more request shapes than compile.recompile_limit allows: "
+                     "compiled graphs reset", self.mode)
         if self.mode != "eager":
-            log.info("compile=%s: first step compiles shape bucket %s (one graph per branch text length)",
-                     self.mode, bucket)
+            if known:
+                log.info("compile=%s: shape bucket %s already compiled in this process", self.mode, bucket)
+            else:
+                log.info("compile=%s: first step compiles shape bucket %s (one graph per branch text length)",
+                         self.mode, bucket)
         s = self.scheduler
         run = make_step_runner(self.mode, step, [state.latents, s.history, s.last_sample], self.warmup)
         timesteps = state.timesteps.to(torch.float32)

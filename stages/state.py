@@ -52,6 +52,7 @@ class Components:
     dtype: torch.dtype
     source: str  # checkpoint folder, or "embedded:<preset>"
     parallel: Any = None  # cosmos3_compiled.distributed.Parallel under torchrun, None for one process
+    served: Any = None  # cosmos3_compiled.pipeline.ServedBuckets: request shapes the compiled graphs hold
 
 
 @dataclass

@@ -23,7 +23,8 @@ class TextPass:
         if par is not None and par.cfg_size == 2 and len(prompts) == 2:
             prompts = [prompts[par.cfg_rank]]
         for ids in prompts:
-            branch = self.model.setup_branch(len(ids), r.latent_shape, fps=r.fps, clean_frames=r.clean_frames)
-            self.model.text_pass(torch.tensor(ids, dtype=torch.long), branch)
-            state.branches.append(branch)
+            state.branches.append(self.model.setup_branch(len(ids), r.latent_shape, fps=r.fps,
+                                                          clean_frames=r.clean_frames))
+        # all branches layer by layer: an offloaded text tower crosses to the GPU once per request
+        self.model.text_passes([(torch.tensor(ids, dtype=torch.long), b) for ids, b in zip(prompts, state.branches)])
         return state

@@ -13,8 +13,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _reset_dynamo():
+    """Each test starts with no compiled code and no models kept from an earlier test's jobs."""
+    from cosmos3_compiled.pipeline import RESIDENT
+
+    RESIDENT.drop()
     torch.compiler.reset()
     yield
+    RESIDENT.drop()
     torch.compiler.reset()
 
 

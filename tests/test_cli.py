@@ -418,6 +418,7 @@ def test_multirun_two_seeds(tmp_path):
         assert (d / "video.mp4").is_file() and (d / ".hydra" / "config.yaml").is_file()
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["config"]["seed"] == seed
+        assert metrics["models"] == ("loaded", "reused")[job]  # one process: job 1 takes job 0's models
         shas.append(metrics["sha256"])
     assert shas[0] != shas[1]
     assert printed_sha(proc.stdout) == shas  # jobs run in order, each prints its own line

@@ -95,21 +95,24 @@ def test_fused_step_compiles_fullgraph_and_matches(backend):
 
 
 def test_offloaded_text_pass_streams_the_same_keys_and_values():
-    """Text tower in pinned host memory, streamed in with the next layer's copies overlapping this layer's
-    compute: the K/V buffers come out bit for bit as with the weights resident, and the weights stay on the host."""
+    """Text tower packed into registered host memory and streamed in once for both CFG prompts, with the next
+    layer's copies overlapping this layer's compute: the K/V buffers come out bit for bit as with the weights
+    resident and one prompt at a time, and the weights stay on the host, page-locked."""
     dev = torch.device("cuda")
     resident = build_random(preset("debug"), seed=4, dtype=torch.bfloat16, device=dev)
     offloaded = build_random(preset("debug"), seed=4, dtype=torch.bfloat16, device=dev, offload_text_tower=True)
     offloaded.offload_text_tower(pin=True)  # compile.pin_text_tower: the copies can then overlap compute
     assert offloaded.text_offloaded
-    ids = torch.randint(0, resident.cfg.vocab_size, (19,), generator=torch.Generator().manual_seed(2))
-    got = []
-    for m in (resident, offloaded):
-        b = m.setup_branch(19, (2, 4, 6), fps=24.0)
-        m.text_pass(ids, b)
-        got.append(b)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, resident.cfg.vocab_size, (n,), generator=gen) for n in (19, 11)]
+    want = [resident.setup_branch(len(ids), (2, 4, 6), fps=24.0) for ids in prompts]
+    for ids, b in zip(prompts, want):
+        resident.text_pass(ids, b)
+    got = [offloaded.setup_branch(len(ids), (2, 4, 6), fps=24.0) for ids in prompts]
+    offloaded.text_passes(list(zip(prompts, got)))
     torch.cuda.synchronize()
-    for kr, ko, vr, vo in zip(got[0].k_bufs, got[1].k_bufs, got[0].v_bufs, got[1].v_bufs):
-        assert torch.equal(kr, ko) and torch.equal(vr, vo)
+    for w, g in zip(want, got):
+        for kr, ko, vr, vo in zip(w.k_bufs, g.k_bufs, w.v_bufs, g.v_bufs):
+            assert torch.equal(kr, ko) and torch.equal(vr, vo)
     text_params = [p for n, p in offloaded.named_parameters() if offloaded.is_text_param(n)]
     assert text_params and all(p.device.type == "cpu" and p.is_pinned() for p in text_params)

@@ -94,3 +94,25 @@ def test_fa4_backend_needs_its_package(checkpoints, monkeypatch):
     ours = load_transformer(checkpoints["gqa3_fps24"][1], dtype=torch.float32)
     with pytest.raises(RuntimeError, match="flash-attn-4"):
         ours.set_attention_backend("fa4")
+
+
+def test_text_passes_of_both_prompts_match_one_at_a_time():
+    """The request's text pass runs every CFG prompt layer by layer (one weight stream for all): the K/V
+    buffers must equal those of one prompt at a time, bit for bit, also for prompts of different lengths."""
+    from cosmos3_compiled.checkpoint import build_random
+    from cosmos3_compiled.config import preset
+
+    model = build_random(preset("debug"), seed=3, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen) for n in (13, 7)]
+    one = [model.setup_branch(len(ids), (2, 4, 6), fps=24.0) for ids in prompts]
+    for ids, b in zip(prompts, one):
+        model.text_pass(ids, b)
+    both = [model.setup_branch(len(ids), (2, 4, 6), fps=24.0) for ids in prompts]
+    model.text_passes(list(zip(prompts, both)))
+    for a, b in zip(one, both):
+        for ka, kb, va, vb in zip(a.k_bufs, b.k_bufs, a.v_bufs, b.v_bufs):
+            assert torch.equal(ka, kb) and torch.equal(va, vb)
+            assert ka.abs().sum() > 0  # the text rows were written
+    with pytest.raises(ValueError, match="set up for 7"):
+        model.text_passes([(prompts[0], both[1])])

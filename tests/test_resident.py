@@ -1,0 +1,98 @@
+"""Models kept between the jobs of one process (`keep_loaded`): reused only for identical model/compile
+settings, never after a failed job, with the same outputs as a fresh process, and no recompiles for a shape
+already served."""
+
+import pytest
+import torch
+from hydra_utils import compose_generate
+
+from cosmos3_compiled import pipeline
+from cosmos3_compiled.pipeline import RESIDENT, ServedBuckets, generate
+
+SMALL = ["height=32", "width=32", "num_frames=5", "sampler.num_inference_steps=2", "output.progress=false",
+         "output.video=false"]
+
+
+def run(tmp_path, name, *overrides):
+    return generate(compose_generate([*SMALL, *overrides]), tmp_path / name).metrics
+
+
+def test_second_job_reuses_the_models_and_matches_a_fresh_process(tmp_path):
+    first = run(tmp_path, "a", "seed=0")
+    assert first["models"] == "loaded" and RESIDENT.models is not None
+    second = run(tmp_path, "b", "seed=1", "prompt=a different prompt that is longer than the first one")
+    assert second["models"] == "reused"
+    held = RESIDENT.models
+    fresh = run(tmp_path, "c", "seed=1", "prompt=a different prompt that is longer than the first one", "keep_loaded=false")
+    assert fresh["models"] == "loaded" and RESIDENT.models is None  # keep_loaded=false frees them at the end
+    assert held.transformer is None  # ... and the ones kept before were released, not leaked
+    assert second["sha256"] == fresh["sha256"] != first["sha256"]
+
+
+@pytest.mark.parametrize("change", ["compile.mode=default", "model.init_seed=1", "dtype=bfloat16",
+                                    "model.vae_tiles=2"])
+def test_other_model_settings_load_afresh(tmp_path, change):
+    run(tmp_path, "a")
+    held = RESIDENT.models
+    assert run(tmp_path, "b", change)["models"] == "loaded"
+    assert held.transformer is None and RESIDENT.models is not held
+
+
+def test_request_settings_do_not_reload(tmp_path):
+    run(tmp_path, "a")
+    again = run(tmp_path, "b", "height=48", "num_frames=1", "sampler.guidance_scale=1.0", "compile.warmup_steps=2")
+    assert again["models"] == "reused"
+
+
+def test_failed_job_frees_the_models(tmp_path, monkeypatch):
+    from stages.decode import Decode
+
+    run(tmp_path, "a")
+    held = RESIDENT.models
+
+    def broken(self, state):
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(Decode, "__call__", broken)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        run(tmp_path, "b", "seed=1")
+    assert RESIDENT.models is None and held.transformer is None
+    monkeypatch.undo()
+    assert run(tmp_path, "c", "seed=1")["models"] == "loaded"
+
+
+def test_compiled_models_serve_a_known_shape_without_compiling(tmp_path, caplog):
+    """compile=default on the CPU: the second job of the same shape compiles no graph (dynamo's counters) and
+    its steps run under fail_on_recompile; a new text length compiles once and says so."""
+    caplog.set_level("INFO", logger="stages.denoise")
+    first = run(tmp_path, "a", "compile=default")
+    assert first["compile"]["unique_graphs"] > 0
+    second = run(tmp_path, "b", "compile=default", "seed=5")
+    assert second["models"] == "reused"
+    assert second["compile"]["unique_graphs"] == 0 and second["compile"]["graph_breaks"] == 0
+    assert second["steps"]["recompiles_after_warmup"] == 0
+    assert "already compiled in this process" in caplog.text
+    third = run(tmp_path, "c", "compile=default", "prompt=another prompt with quite a few more words in it")
+    assert third["compile"]["unique_graphs"] > 0 and third["steps"]["recompiles_after_warmup"] == 0
+
+
+def test_served_shapes_reset_the_compiled_code_before_the_recompile_limit(monkeypatch):
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    served = ServedBuckets(limit=3)
+    assert not served.add((2, 4, 4), [10, 7])
+    assert not served.add((2, 4, 4), [10, 7])  # known shapes: nothing new
+    assert not served.add((2, 4, 4), [12])  # 3 graphs of the video step: at the limit, not past it
+    assert served.add((2, 4, 4), [13]) and resets == [1]  # a 4th would be past it: reset first
+    assert served.text == {((2, 4, 4), 13)}
+    assert not served.add((3, 4, 4), [13]) and not served.add((4, 4, 4), [13])
+    assert served.add((5, 4, 4), [13]) and resets == [1, 1]  # 4th latent size for the VAE units
+
+
+def test_key_ignores_request_fields():
+    a = compose_generate([*SMALL, "seed=1", "prompt=x", "height=64"])
+    b = compose_generate([*SMALL, "seed=2", "prompt=y", "compile.warmup_steps=3", "output.crf=20"])
+    ra, rb = pipeline.build_request(a), pipeline.build_request(b)
+    assert pipeline.resident_key(a, ra) == pipeline.resident_key(b, rb)
+    c = compose_generate([*SMALL, "model.attention_backend=math"])
+    assert pipeline.resident_key(c, pipeline.build_request(c)) != pipeline.resident_key(a, ra)
