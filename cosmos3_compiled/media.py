@@ -1,7 +1,10 @@
-"""Writing frames: H.264 MP4 through PyAV, PNG through Pillow."""
+"""Writing frames: H.264 MP4 through PyAV (encoded on a background thread), PNG through Pillow."""
 
 from __future__ import annotations
 
+import queue
+import threading
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -9,22 +12,122 @@ import numpy as np
 import torch
 from PIL import Image
 
+# libx264 threads over whole frames instead of slices of each frame (PyAV's default): on the 16-core H100 host,
+# 81 frames at 1280x720 encode in 3.4 s instead of 4.3 s (noise-like video) and 0.70 s instead of 0.89 s
+# (natural video), same file size. Not the same bitstream as slice threading once that cuts a frame into several
+# slices: on a 2-core CPU the decoded pixels differ at 256x320 and 1280x720 (same PSNR to the source, within
+# 0.05 dB) and are identical at 96x128 and below.
+_X264_THREAD_TYPE = "FRAME"
+
+
+class Mp4Writer:
+    """H.264 (yuv420p) MP4 at `path`, fed uint8 frames [n, H, W, 3] on the host while a background thread
+    encodes them, so the caller can go on producing frames (the VAE decode) meanwhile.
+
+    `write` only queues; `close` waits for the queue, flushes the encoder, finishes the file and re-raises
+    any error of the encoder thread; `abort` stops the thread without encoding what is still queued (the
+    file is left incomplete: the caller deletes it). As a context manager: close on success, abort on error.
+    """
+
+    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int = 18) -> None:
+        if width % 2 or height % 2:
+            raise ValueError(f"H.264 yuv420p needs an even width and height, got {width}x{height}")
+        self.path = Path(path)
+        self.size = (height, width)
+        self._container = av.open(str(self.path), mode="w", format="mp4")
+        try:
+            self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+            self._stream.options = {"crf": str(crf)}
+            self._stream.codec_context.thread_type = _X264_THREAD_TYPE
+        except BaseException:
+            self._container.close()
+            raise
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (frames, ready) items, then None
+        self._aborted = threading.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        # a daemon: should an owner never close or abort it, the thread must not keep the process alive
+        self._thread = threading.Thread(target=self._run, name=f"mp4-writer:{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def write(self, frames: torch.Tensor, ready=None) -> None:
+        """Queue uint8 frames [n, H, W, 3] (CPU; not to be modified until encoded). `ready`: an object whose
+        `synchronize()` the encoder thread calls before it reads them (a CUDA event for a copy still in
+        flight), or None. Raises the encoder's error if it has already failed, so a producer stops early."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: write after close/abort")
+        if self._error is not None:
+            raise self._error
+        if frames.dtype != torch.uint8 or frames.device.type != "cpu" or frames.ndim != 4 or (
+            tuple(frames.shape[1:]) != (*self.size, 3)
+        ):
+            raise ValueError(
+                f"frames must be uint8 [n, {self.size[0]}, {self.size[1]}, 3] on the CPU; "
+                f"got {frames.dtype} {tuple(frames.shape)} on {frames.device}"
+            )
+        self._queue.put((frames, ready))
+
+    def close(self) -> None:
+        """Encode everything queued, flush the encoder and finish the file; re-raise the encoder's error."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop the encoder thread (what is still queued is dropped) and close the file; never raises."""
+        self._aborted.set()
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _encode(self, frame: np.ndarray | None) -> None:
+        """Encode one frame [H, W, 3] (None: flush the encoder) and mux the packets it gives."""
+        av_frame = None if frame is None else av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        for packet in self._stream.encode(av_frame):
+            self._container.mux(packet)
+
+    def _run(self) -> None:
+        """The encoder thread: frames from the queue until None, then the encoder's tail; closes the file."""
+        try:
+            while (item := self._queue.get()) is not None:
+                frames, ready = item
+                if self._aborted.is_set():
+                    continue  # drain without reading: the caller has given up on this file
+                if ready is not None:
+                    ready.synchronize()
+                for frame in frames.numpy():
+                    self._encode(frame)
+            if not self._aborted.is_set():
+                self._encode(None)
+        except BaseException as err:  # handed to the owner by write/close
+            self._error = err
+        finally:
+            try:
+                self._container.close()
+            except BaseException as err:
+                if self._error is None:
+                    self._error = err
+
 
 def write_mp4(frames: torch.Tensor, path: Path, fps: float, crf: int = 18) -> None:
     """uint8 frames [F, H, W, 3] → H.264 (yuv420p) MP4 at `fps`; H and W must be even."""
-    arr = frames.numpy()
-    f, h, w, _ = arr.shape
-    from fractions import Fraction
-
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for i in range(f):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr[i]), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    _, h, w, _ = frames.shape
+    with Mp4Writer(path, w, h, fps, crf) as writer:
+        writer.write(frames)
 
 
 def write_png(frame: torch.Tensor, path: Path) -> None:

@@ -207,6 +207,9 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
     row_decode = models.row_decode
     if par is not None:
         metrics["parallel"] = par.describe()
+    # video.mp4 is encoded while the VAE decodes (Save's stream, fed by Decode, read by Postprocess)
+    save = Save(components, out_dir, frames=_value(cfg.output.frames), video=cfg.output.video, crf=cfg.output.crf,
+                stream_video=writer and request.num_frames > 1)
     stages = [
         ("tokenize", Tokenize(components)),
         ("text_pass", TextPass(components)),  # with compile.offload_text_tower the loader already placed
@@ -215,10 +218,10 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         ("timesteps", Timesteps(components)),
         ("denoise", Denoise(components, mode=cfg.compile.mode, warmup_steps=cfg.compile.warmup_steps,
                             batch_cfg=cfg.model.batch_cfg)),
-        ("decode", Decode(components)),
-        ("postprocess", Postprocess(components, keep_float=_value(cfg.output.frames) == "float32")),
-        ("save", Save(components, out_dir, frames=_value(cfg.output.frames), video=cfg.output.video,
-                      crf=cfg.output.crf)),
+        ("decode", Decode(components, stream=save.stream)),
+        ("postprocess", Postprocess(components, keep_float=_value(cfg.output.frames) == "float32",
+                                    stream=save.stream)),
+        ("save", save),
     ]
     if not writer:  # only global rank 0 writes (and decodes, unless the decode is split by rows)
         skip = ("postprocess", "save") if row_decode else ("decode", "postprocess", "save")
@@ -227,11 +230,16 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
     metrics["source"] = models.source
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for name, stage in stages:
-        t0 = time.perf_counter()
-        state = stage(state)
-        _sync(device)
-        metrics["seconds"][name] = time.perf_counter() - t0
+    try:
+        for name, stage in stages:
+            t0 = time.perf_counter()
+            state = stage(state)
+            _sync(device)
+            metrics["seconds"][name] = time.perf_counter() - t0
+    except BaseException:
+        if save.stream is not None:  # an error between or inside stages: stop the encoder, delete its file
+            save.stream.abort()
+        raise
     metrics["seconds"]["total"] = time.perf_counter() - t_start
     counted = {k: v - counters_at_start[k] for k, v in compile_counters().items()}  # this job's share
     cache = models.cache

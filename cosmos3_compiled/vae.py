@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -857,12 +857,26 @@ class WanVAE(nn.Module):
             raise ValueError(f"latent must be a floating-point tensor, got {z.dtype}")
 
     @torch.no_grad()
-    def decode_frames(self, z: Tensor, *, out: Tensor | None = None, progress_desc: str = "decode") -> Tensor:
+    def decode_frames(
+        self,
+        z: Tensor,
+        *,
+        out: Tensor | None = None,
+        progress_desc: str = "decode",
+        on_frames: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
         """Normalised latent [B, z, T, h, w] → video [B, 3, 1 + 4(T-1), 16h, 16w] in [-1, 1].
 
         De-normalises like the pipeline (z / (1/std) + mean, in the VAE dtype), applies `post_quant_conv`
         to the whole latent, then decodes one latent frame at a time, writing each chunk's frames
         (unpatchified) straight into `out` (allocated in the VAE dtype when not given).
+
+        `on_frames(f0, f1)`, called on this thread, says that output frames [f0, f1) of `out` have all their
+        work enqueued (on the current stream) and will not be written again, so a consumer can start on them
+        while the decode goes on (see `postprocess.FrameStream`): every frame once, in order. The whole-frame
+        decode reports each emitted chunk (frame 0, then 4 frames per latent frame, or 1 per tail frame with
+        `frame_tail`); the tile-major decode finishes a frame only with its last strip, so it reports all
+        frames once at the end.
         """
         self._check_latent(z)
         shape = self.output_shape(tuple(z.shape))
@@ -882,15 +896,20 @@ class WanVAE(nn.Module):
         st = self.cfg.scale_factor_temporal
 
         def emit(y: Tensor, i: int, j: int = 0, cols: tuple[int, int] | None = None) -> None:
-            """Patches of latent frame i (its j-th output frame onwards) → their pixels in `out`."""
+            """Patches of latent frame i (its j-th output frame onwards) → their pixels in `out`; whole frames
+            (no `cols`) are final, so they go to `on_frames`."""
             n, hp, wp = y.shape[2:]
             f0 = 0 if i == 0 else 1 + st * (i - 1) + j
             dst = out[:, :, f0 : f0 + n] if cols is None else out[:, :, f0 : f0 + n, :, p * cols[0] : p * cols[1]]
             # Unpatchify into place: patch channel c·p² + col·p + row → pixel (h·p + row, w·p + col).
             dst.view(b, 3, n, hp, p, wp, p).copy_(y.view(b, 3, p, p, n, hp, wp).permute(0, 1, 4, 5, 3, 6, 2))
+            if on_frames is not None and cols is None:
+                on_frames(f0, f0 + n)
 
         if self.tiles > 1:
             self._decode_tiles(x, emit, progress_desc)
+            if on_frames is not None:
+                on_frames(0, shape[2])
             return out
         hist: list[Tensor] = []
         for i in progress(range(t), desc=progress_desc, total=t):

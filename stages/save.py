@@ -1,43 +1,135 @@
-"""Stage: write video.mp4 (or image.png), frames.safetensors and metrics.json, each atomically."""
+"""Stage: write video.mp4 (or image.png), frames.safetensors and metrics.json, each atomically.
+
+video.mp4 is normally encoded while the VAE decodes (`VideoStream`, shared with Decode and Postprocess);
+Save then only waits for the encoder's tail and renames the file into place.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
-from cosmos3_compiled.media import write_mp4, write_png
+from cosmos3_compiled.media import Mp4Writer, write_mp4, write_png
+from cosmos3_compiled.postprocess import FrameStream
 
 from .state import Components, State
 
 
+def partial_path(path: Path) -> Path:
+    """The hidden temporary name in the same folder that `path` is written under before it is renamed."""
+    return path.with_name(f".{path.name}.partial{path.suffix}")
+
+
+def _publish(tmp: Path, path: Path) -> Path:
+    os.chmod(tmp, 0o644)  # safetensors creates files 0600; outputs are meant to be shared
+    os.replace(tmp, path)
+    return path
+
+
 def atomic_write(path: Path, write) -> Path:
     """Call write(tmp_path) on a hidden temporary name in the same folder, then rename into place."""
-    tmp = path.with_name(f".{path.name}.partial{path.suffix}")
+    tmp = partial_path(path)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # safetensors creates files 0600; outputs are meant to be shared
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
+class VideoStream:
+    """video.mp4 encoded while the VAE decodes: Save owns it, Decode and Postprocess are given it too.
+
+    Decode calls `start` with the video it is about to decode into and passes the callback it returns to
+    `WanVAE.decode_frames` as `on_frames`; each finished range of frames becomes uint8 on the host
+    (`postprocess.FrameStream`, without stalling the decode) and goes to an `Mp4Writer` thread writing the
+    temporary file `partial_path(video.mp4)`. Postprocess takes `frames_uint8`; Save calls `finish`, which
+    waits for the encoder's tail and renames the file into place, as `atomic_write` does. On any error a
+    stage calls `abort` (`aborting` does it for a block): the encoder thread stops and the temporary file
+    is deleted, so no video.mp4 appears.
+    """
+
+    def __init__(self, out_dir: Path, crf: int = 18) -> None:
+        self.path = Path(out_dir) / "video.mp4"
+        self.crf = crf
+        self._writer: Mp4Writer | None = None
+        self._frames: FrameStream | None = None
+
+    def start(self, video: torch.Tensor, fps: float) -> Callable[[int, int], None]:
+        """Open the encoder for `video` [1, 3, F, H, W] (about to be decoded) → the `on_frames` callback."""
+        if self._writer is not None:
+            raise RuntimeError(f"{self.path}: the video stream was already started")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _, _, _, h, w = video.shape
+        self._writer = Mp4Writer(partial_path(self.path), w, h, fps, self.crf)
+        self._frames = FrameStream(video, self._writer.write)
+        return self._frames
+
+    def frames_uint8(self) -> torch.Tensor:
+        """The uint8 frames [F, H, W, 3] on the host (what `to_uint8_frames(video).cpu()` gives), once the
+        decode has handed over every frame; waits for the last copy. Call once: the stream then lets go of
+        the decoded video, as Postprocess does."""
+        self._check_started()
+        frames, self._frames = self._frames.result(), None
+        return frames
+
+    def finish(self) -> Path:
+        """Wait for the encoder to finish the file, then rename it to video.mp4 (deleted on any error)."""
+        self._check_started()
+        with self.aborting():
+            self._writer.close()
+            _publish(self._writer.path, self.path)
+        self._writer = None
+        return self.path
+
+    def abort(self) -> None:
+        """Stop the encoder thread and delete the temporary file (nothing to do when never started or
+        already finished)."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer, self._frames = None, None
+        partial_path(self.path).unlink(missing_ok=True)
+
+    def _check_started(self) -> None:
+        if self._writer is None:
+            raise RuntimeError(f"{self.path}: the video stream was not started (give Save.stream to Decode)")
+
+    @contextmanager
+    def aborting(self) -> Iterator[None]:
+        """Run a block; if it raises (an error, KeyboardInterrupt), abort the stream and re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
+
+
 class Save:
-    """Reads frames_uint8, frames_float, sha256, metrics; writes outputs (name → path)."""
+    """Reads frames_uint8, frames_float, sha256, metrics; writes outputs (name → path).
+
+    `stream_video`: video.mp4 is encoded during the decode through `self.stream` (give it to Decode and
+    Postprocess); only for a video (num_frames > 1) on the rank that writes.
+    """
 
     def __init__(self, components: Components, out_dir: Path, frames: str = "none", video: bool = True,
-                 crf: int = 18):
+                 crf: int = 18, stream_video: bool = False):
         self.out_dir = Path(out_dir)
         self.frames, self.video, self.crf = frames, video, crf
+        self.stream = VideoStream(self.out_dir, crf) if video and stream_video else None
 
     def __call__(self, state: State) -> State:
         r = state.request
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.video:
+        if self.stream is not None:
+            state.outputs["video"] = self.stream.finish()
+        elif self.video:
             if r.num_frames == 1:
                 state.outputs["image"] = atomic_write(
                     self.out_dir / "image.png", lambda p: write_png(state.frames_uint8[0], p)

@@ -267,7 +267,9 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("existing", [False, True], ids=["fresh_dir", "over_earlier_video"])
 def test_interrupted_save_leaves_no_partial_video(monkeypatch, tmp_path, existing):
-    import stages.save
+    import threading
+
+    from cosmos3_compiled.media import Mp4Writer
 
     out = tmp_path / "out"
     out.mkdir()
@@ -276,14 +278,14 @@ def test_interrupted_save_leaves_no_partial_video(monkeypatch, tmp_path, existin
         (out / "video.mp4").write_bytes(earlier)
     written = []
 
-    def write_then_die(frames, path, fps, crf=18):
-        Path(path).write_bytes(b"\x00\x00\x00\x18ftypmp42 half a video")
-        written.append(Path(path))
-        raise KeyboardInterrupt  # Ctrl-C mid-encode
+    def close_then_die(writer):
+        written.append(writer.path)
+        raise KeyboardInterrupt  # Ctrl-C while Save waits for the encoder's tail
 
-    monkeypatch.setattr(stages.save, "write_mp4", write_then_die)
+    monkeypatch.setattr(Mp4Writer, "close", close_then_die)
     with pytest.raises(KeyboardInterrupt):
         generate(compose_generate(SMALL), out)
+    assert not [t for t in threading.enumerate() if t.name.startswith("mp4-writer")]  # the encoder was stopped
     assert written and written[0].parent == out and written[0].name != "video.mp4"  # wrote to a temp name
     if existing:
         assert (out / "video.mp4").read_bytes() == earlier  # the earlier video is untouched
