@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -47,6 +48,10 @@ class Mp4Writer:
         self._aborted = threading.Event()
         self._error: BaseException | None = None
         self._closed = False
+        # timings (seconds since the writer opened): when the last frames were ready to encode, when the file
+        # was finished; the encoder thread's time inside libx264 calls, and in the final flush alone
+        self._opened = time.perf_counter()
+        self.timings = {"last_frames_ready": 0.0, "finished": 0.0, "encoding": 0.0, "flush": 0.0}
         # a daemon: should an owner never close or abort it, the thread must not keep the process alive
         self._thread = threading.Thread(target=self._run, name=f"mp4-writer:{self.path.name}", daemon=True)
         self._thread.start()
@@ -109,10 +114,17 @@ class Mp4Writer:
                     continue  # drain without reading: the caller has given up on this file
                 if ready is not None:
                     ready.synchronize()
+                t0 = time.perf_counter()
+                self.timings["last_frames_ready"] = t0 - self._opened
                 for frame in frames.numpy():
                     self._encode(frame)
+                self.timings["encoding"] += time.perf_counter() - t0
             if not self._aborted.is_set():
+                t0 = time.perf_counter()
                 self._encode(None)
+                self.timings["flush"] = time.perf_counter() - t0
+                self.timings["encoding"] += self.timings["flush"]
+                self.timings["finished"] = time.perf_counter() - self._opened
         except BaseException as err:  # handed to the owner by write/close
             self._error = err
         finally:

@@ -25,10 +25,11 @@ class Postprocess:
         with nullcontext() if self.stream is None else self.stream.aborting():
             if self.stream is None:
                 state.frames_uint8 = to_uint8_frames(state.video).cpu()
-            else:
+                state.sha256 = hashlib.sha256(state.frames_uint8.numpy().data).hexdigest()
+            else:  # made, copied and hashed range by range during the decode
                 state.frames_uint8 = self.stream.frames_uint8()
+                state.sha256 = self.stream.sha256()
             if self.keep_float:
                 state.frames_float = to_float_frames(state.video).cpu()
             state.video = None
-            state.sha256 = hashlib.sha256(state.frames_uint8.numpy().tobytes()).hexdigest()
         return state

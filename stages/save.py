@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from cosmos3_compiled.media import Mp4Writer, write_mp4, write_png
-from cosmos3_compiled.postprocess import FrameStream
+from cosmos3_compiled.postprocess import FrameStream, StreamHasher
 
 from .state import Components, State
 
@@ -61,6 +61,8 @@ class VideoStream:
         self.crf = crf
         self._writer: Mp4Writer | None = None
         self._frames: FrameStream | None = None
+        self._hasher: StreamHasher | None = None
+        self.timings: dict[str, float] = {}  # the finished encoder's (Mp4Writer.timings)
 
     def start(self, video: torch.Tensor, fps: float) -> Callable[[int, int], None]:
         """Open the encoder for `video` [1, 3, F, H, W] (about to be decoded) → the `on_frames` callback."""
@@ -69,8 +71,21 @@ class VideoStream:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _, _, _, h, w = video.shape
         self._writer = Mp4Writer(partial_path(self.path), w, h, fps, self.crf)
-        self._frames = FrameStream(video, self._writer.write)
+        self._hasher = StreamHasher()
+        self._frames = FrameStream(video, self._hand_over)
         return self._frames
+
+    def _hand_over(self, frames: torch.Tensor, ready) -> None:
+        self._writer.write(frames, ready)
+        self._hasher(frames, ready)
+
+    def sha256(self) -> str:
+        """sha256 of the uint8 frames' bytes (what hashing `frames_uint8()` gives), computed as they arrived."""
+        self._check_started()
+        with self.aborting():
+            digest = self._hasher.hexdigest()
+        self._hasher = None
+        return digest
 
     def frames_uint8(self) -> torch.Tensor:
         """The uint8 frames [F, H, W, 3] on the host (what `to_uint8_frames(video).cpu()` gives), once the
@@ -86,7 +101,11 @@ class VideoStream:
         with self.aborting():
             self._writer.close()
             _publish(self._writer.path, self.path)
+        self.timings = dict(self._writer.timings)
         self._writer = None
+        if self._hasher is not None:  # nobody asked for the digest: stop its thread
+            self._hasher.abort()
+            self._hasher = None
         return self.path
 
     def abort(self) -> None:
@@ -95,6 +114,9 @@ class VideoStream:
         if self._writer is not None:
             self._writer.abort()
             self._writer, self._frames = None, None
+        if self._hasher is not None:
+            self._hasher.abort()
+            self._hasher = None
         partial_path(self.path).unlink(missing_ok=True)
 
     def _check_started(self) -> None:
@@ -129,6 +151,7 @@ class Save:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.stream is not None:
             state.outputs["video"] = self.stream.finish()
+            state.metrics["video_encoder"] = self.stream.timings  # seconds since the encoder opened (decode start)
         elif self.video:
             if r.num_frames == 1:
                 state.outputs["image"] = atomic_write(

@@ -29,7 +29,8 @@ SMALL = ["height=32", "width=32", "num_frames=9", "sampler.num_inference_steps=1
 
 
 def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("mp4-writer")]
+    """The stream's background threads still alive: the encoder and the frame hasher."""
+    return [t for t in threading.enumerate() if t.name.startswith(("mp4-writer", "frame-sha256"))]
 
 
 def _tiny_vae(device: str = "cpu") -> WanVAE:
@@ -239,3 +240,19 @@ def test_cuda_streamed_frames_equal_to_uint8_frames(tmp_path, tiles):
     assert stream.finish() == tmp_path / "video.mp4"
     assert read_video_frames(tmp_path / "video.mp4").shape == (13, 32, 48, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"] and not _writer_threads()
+
+
+def test_stream_hasher_matches_hashing_all_frames_at_once():
+    import hashlib
+
+    from cosmos3_compiled.postprocess import StreamHasher
+
+    frames = _frames()
+    hasher = StreamHasher()
+    for f0, f1 in [(0, 1), (1, 5), (5, 9)]:
+        hasher(frames[f0:f1])
+    assert hasher.hexdigest() == hashlib.sha256(frames.numpy().tobytes()).hexdigest()
+    hasher = StreamHasher()
+    hasher(frames[:3])
+    hasher.abort()
+    assert not _writer_threads()
