@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import attention_fa4
 from .checkpoint_io import CheckpointError, read_json
 from .compile import (
-    MODES, CompileCache, CompileSettings, apply_compile, apply_compile_text, apply_compile_vae, compile_counters, setup_compile_cache,
+    MODES, CompileCache, CompileSettings, apply_compile, apply_compile_text, apply_compile_vae, compile_counters,
+    setup_compile_cache,
 )
 from .components import DTYPES, build_embedded, check_checkpoint_folder, load_checkpoint
 from .config import ConfigError, preset
@@ -265,7 +266,6 @@ class Models:
     vae: object  # vae.WanVAE
     tokenizer: object  # prompting.PromptTokenizer
     source: str
-    settings: CompileSettings
     cache: CompileCache | None
     row_decode: bool
     served: ServedBuckets  # request shapes compiled so far
@@ -302,7 +302,7 @@ def _load_models(cfg, request, device, dtype, vae_dtype, par) -> Models:
     row_decode = par is not None and cfg.parallel.vae_rows and apply_row_parallel_decode(vae, par) is not None
     apply_compile_text(transformer, cfg.compile.text_pass)
     served = ServedBuckets(settings.recompile_limit)
-    return Models(transformer, vae, tokenizer, source, settings, cache, row_decode, served, device)
+    return Models(transformer, vae, tokenizer, source, cache, row_decode, served, device)
 
 
 def resident_key(cfg: DictConfig, request) -> str:
