@@ -13,12 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-# libx264 threads over whole frames instead of slices of each frame (PyAV's default): on the 16-core H100 host,
-# 81 frames at 1280x720 encode in 3.4 s instead of 4.3 s (noise-like video) and 0.70 s instead of 0.89 s
-# (natural video), same file size. Not the same bitstream as slice threading once that cuts a frame into several
-# slices: on a 2-core CPU the decoded pixels differ at 256x320 and 1280x720 (same PSNR to the source, within
-# 0.05 dB) and are identical at 96x128 and below.
-_X264_THREAD_TYPE = "FRAME"
+# libx264 threads over slices of each frame (PyAV's default), not over whole frames. Frame threading encoded
+# 81 noise-like 1280x720 frames in 3.4 s instead of 4.3 s on the 16-core H100 host, but the same frames did not
+# always give the same file: a test encoding them twice failed once in a full CI run and once on the H100 host.
+# With slices the output depends only on the frames and the thread count.
+_X264_THREAD_TYPE = "SLICE"
 
 
 class Mp4Writer:

@@ -21,8 +21,10 @@ rm -f "$dir"/*/video.mp4
 python3 - "$dir" <<'PY'
 import json, sys
 from pathlib import Path
-for job in sorted(Path(sys.argv[1]).glob("[0-9]*")):
-    m = json.loads((job / "metrics.json").read_text())
+jobs = {job.name: json.loads((job / "metrics.json").read_text()) for job in sorted(Path(sys.argv[1]).glob("[0-9]*"))}
+Path(sys.argv[1] + ".jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")  # every job's metrics in one file
+for name, m in jobs.items():
+    job = Path(name)
     s = m["seconds"]
     other = s["total"] - sum(v for k, v in s.items() if k != "total")
     print(f"job {job.name} ({m['models']}): " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()),
