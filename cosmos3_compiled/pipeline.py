@@ -193,6 +193,8 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
 
     metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "seconds": {}}
     counters_at_start = compile_counters()
+    if device.type == "cuda":  # what an earlier job left allocated (its resident models): steady across a sweep
+        metrics["memory_gib_at_start"] = torch.cuda.memory_allocated(device) / 2**30
     t0 = time.perf_counter()
     key = resident_key(cfg, request) if cfg.keep_loaded and par is None else None
     models = RESIDENT.take(key)

@@ -96,3 +96,13 @@ def test_key_ignores_request_fields():
     assert pipeline.resident_key(a, ra) == pipeline.resident_key(b, rb)
     c = compose_generate([*SMALL, "model.attention_backend=math"])
     assert pipeline.resident_key(c, pipeline.build_request(c)) != pipeline.resident_key(a, ra)
+
+
+@pytest.mark.gpu
+def test_resident_cudagraph_requests_leave_gpu_memory_flat(tmp_path):
+    """Every request of a resident `cudagraph` sweep captures its own step graph. What stays allocated between
+    jobs must not grow: one new side stream per capture left a 32 MiB cuBLAS workspace behind each time."""
+    base = [*SMALL, "device=cuda", "dtype=bfloat16", "compile=cudagraph", "output.video=true"]
+    starts = [run(tmp_path, str(i), *base, f"seed={i}")["memory_gib_at_start"] for i in range(4)]
+    assert starts[0] == 0.0 < starts[1]  # job 0 loaded the models; jobs 1-3 found them resident
+    assert max(starts[1:]) - min(starts[1:]) < 1 / 1024  # GiB: less than 1 MiB apart

@@ -29,5 +29,5 @@ for name, m in jobs.items():
     other = s["total"] - sum(v for k, v in s.items() if k != "total")
     print(f"job {job.name} ({m['models']}): " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()),
           f"| unaccounted {other:.2f} | first step {m['steps']['first_s']:.3f} steady {m['steps']['steady_median_s']:.4f}"
-          f" | encoder {m.get('video_encoder')} | peak {m.get('peak_memory_gib', 0):.2f} GiB | {m['compile']}")
+          f" | encoder {m.get('video_encoder')} | at start {m.get('memory_gib_at_start', 0):.3f} GiB | peak {m.get('peak_memory_gib', 0):.2f} GiB | {m['compile']}")
 PY
