@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 # libx264 threads over slices of each frame (PyAV's default), not over whole frames. Frame threading encoded
-# 81 noise-like 1280x720 frames in 3.4 s instead of 4.3 s on the 16-core H100 host, but the same frames did not
-# always give the same file: a test encoding them twice failed once in a full CI run and once on the H100 host.
-# With slices the output depends only on the frames and the thread count.
+# 81 noise-like 1280x720 frames in 3.4 s instead of 4.3 s on the 16-core H100 host. It was dropped because two
+# encodes of the same frames decoded to slightly different pixels (at most 3 levels apart) in full test runs,
+# but slice threading later showed the same once, so the cause is not understood (docs/benchmarks, Nano §4,
+# sixth pass). The sha256 of the uint8 frames, the lossless check, is computed before encoding either way.
 _X264_THREAD_TYPE = "SLICE"
 
 
