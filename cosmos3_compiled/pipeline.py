@@ -212,7 +212,8 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         metrics["parallel"] = par.describe()
     # video.mp4 is encoded while the VAE decodes (Save's stream, fed by Decode, read by Postprocess)
     save = Save(components, out_dir, frames=_value(cfg.output.frames), video=cfg.output.video, crf=cfg.output.crf,
-                stream_video=writer and request.num_frames > 1)
+                num_frames=request.num_frames)
+    stream = save.stream if writer else None
     stages = [
         ("tokenize", Tokenize(components)),
         ("text_pass", TextPass(components)),  # with compile.offload_text_tower the loader already placed
@@ -221,9 +222,9 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         ("timesteps", Timesteps(components)),
         ("denoise", Denoise(components, mode=cfg.compile.mode, warmup_steps=cfg.compile.warmup_steps,
                             batch_cfg=cfg.model.batch_cfg)),
-        ("decode", Decode(components, stream=save.stream)),
+        ("decode", Decode(components, stream=stream)),
         ("postprocess", Postprocess(components, keep_float=_value(cfg.output.frames) == "float32",
-                                    stream=save.stream)),
+                                    stream=stream)),
         ("save", save),
     ]
     if not writer:  # only global rank 0 writes (and decodes, unless the decode is split by rows)
@@ -240,8 +241,8 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
             _sync(device)
             metrics["seconds"][name] = time.perf_counter() - t0
     except BaseException:
-        if save.stream is not None:  # an error between or inside stages: stop the encoder, delete its file
-            save.stream.abort()
+        if stream is not None:  # an error between or inside stages: stop the encoder, delete its file
+            stream.abort()
         raise
     metrics["seconds"]["total"] = time.perf_counter() - t_start
     counted = {k: v - counters_at_start[k] for k, v in compile_counters().items()}  # this job's share
@@ -370,20 +371,20 @@ class Resident:
     def drop(self) -> None:
         models, self.key, self.models = self.models, None, None
         if models is not None:
-            release(models, models.device)
+            release(models)
 
 
 RESIDENT = Resident()
 
 
-def release(models: Models, device: torch.device) -> None:
+def release(models: Models) -> None:
     """Drop the models and every compiled graph that references them."""
     import gc
 
     models.transformer = models.vae = None
     torch.compiler.reset()
     gc.collect()
-    if device.type == "cuda":
+    if models.device.type == "cuda":
         torch.cuda.empty_cache()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cosmos3_compiled.media import Mp4Writer, write_mp4, write_png
+from cosmos3_compiled.media import Mp4Writer, write_png
 from cosmos3_compiled.postprocess import FrameStream, StreamHasher
 
 from .state import Components, State
@@ -136,31 +136,25 @@ class VideoStream:
 class Save:
     """Reads frames_uint8, frames_float, sha256, metrics; writes outputs (name → path).
 
-    `stream_video`: video.mp4 is encoded during the decode through `self.stream` (give it to Decode and
-    Postprocess); only for a video (num_frames > 1) on the rank that writes.
+    A video (num_frames > 1) is encoded during the decode through `self.stream`: the rank that writes gives it
+    to Decode and Postprocess. One frame is written as image.png here.
     """
 
     def __init__(self, components: Components, out_dir: Path, frames: str = "none", video: bool = True,
-                 crf: int = 18, stream_video: bool = False):
+                 crf: int = 18, num_frames: int = 1):
         self.out_dir = Path(out_dir)
-        self.frames, self.video, self.crf = frames, video, crf
-        self.stream = VideoStream(self.out_dir, crf) if video and stream_video else None
+        self.frames, self.video = frames, video
+        self.stream = VideoStream(self.out_dir, crf) if video and num_frames > 1 else None
 
     def __call__(self, state: State) -> State:
-        r = state.request
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.stream is not None:
             state.outputs["video"] = self.stream.finish()
             state.metrics["video_encoder"] = self.stream.timings  # seconds since the encoder opened (decode start)
         elif self.video:
-            if r.num_frames == 1:
-                state.outputs["image"] = atomic_write(
-                    self.out_dir / "image.png", lambda p: write_png(state.frames_uint8[0], p)
-                )
-            else:
-                state.outputs["video"] = atomic_write(
-                    self.out_dir / "video.mp4", lambda p: write_mp4(state.frames_uint8, p, fps=r.fps, crf=self.crf)
-                )
+            state.outputs["image"] = atomic_write(
+                self.out_dir / "image.png", lambda p: write_png(state.frames_uint8[0], p)
+            )
         if self.frames != "none":
             frames = state.frames_float if self.frames == "float32" else state.frames_uint8
             state.outputs["frames"] = atomic_write(
