@@ -21,7 +21,81 @@ from PIL import Image
 _X264_THREAD_TYPE = "SLICE"
 
 
-class Mp4Writer:
+class FrameConsumer:
+    """A daemon thread that takes (frames, ready) items in order and hands each to `_consume`, so whoever
+    produces them (the VAE decode) goes on meanwhile; what Mp4Writer and postprocess.StreamHasher share.
+
+    `ready`: an object whose `synchronize()` the thread calls before it reads the frames (a CUDA event for a
+    copy still in flight), or None. `_put` queues (and raises the thread's error early, so a producer stops);
+    `_close` waits for the queue, runs `_finish` and re-raises the thread's error; `abort` stops the thread
+    without consuming what is still queued, and never raises. `_release` runs on the thread at the end, either
+    way. Subclasses set their state first, then call `__init__` here, which starts the thread.
+    """
+
+    def __init__(self, name: str, label: str) -> None:
+        self._label = label  # for error messages
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (frames, ready) items, then None
+        self._aborted = threading.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        # a daemon: should an owner never close or abort it, the thread must not keep the process alive
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _consume(self, frames: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """After the last item, unless aborted."""
+
+    def _release(self) -> None:
+        """Last thing the thread does; may raise (kept as the thread's error if it has none)."""
+
+    def _put(self, frames: torch.Tensor, ready) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self._label}: write after close/abort")
+        if self._error is not None:
+            raise self._error
+        self._queue.put((frames, ready))
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop the thread (what is still queued is dropped); never raises."""
+        self._aborted.set()
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                frames, ready = item
+                if self._aborted.is_set():
+                    continue  # drain without reading: the owner has given up
+                if ready is not None:
+                    ready.synchronize()
+                self._consume(frames)
+            if not self._aborted.is_set():
+                self._finish()
+        except BaseException as err:  # handed to the owner by _put / _close
+            self._error = err
+        finally:
+            try:
+                self._release()
+            except BaseException as err:
+                if self._error is None:
+                    self._error = err
+
+
+class Mp4Writer(FrameConsumer):
     """H.264 (yuv420p) MP4 at `path`, fed uint8 frames [n, H, W, 3] on the host while a background thread
     encodes them, so the caller can go on producing frames (the VAE decode) meanwhile.
 
@@ -44,26 +118,15 @@ class Mp4Writer:
         except BaseException:
             self._container.close()
             raise
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (frames, ready) items, then None
-        self._aborted = threading.Event()
-        self._error: BaseException | None = None
-        self._closed = False
         # timings (seconds since the writer opened): when the last frames were ready to encode, when the file
         # was finished; the encoder thread's time inside libx264 calls, and in the final flush alone
         self._opened = time.perf_counter()
         self.timings = {"last_frames_ready": 0.0, "finished": 0.0, "encoding": 0.0, "flush": 0.0}
-        # a daemon: should an owner never close or abort it, the thread must not keep the process alive
-        self._thread = threading.Thread(target=self._run, name=f"mp4-writer:{self.path.name}", daemon=True)
-        self._thread.start()
+        super().__init__(f"mp4-writer:{self.path.name}", str(self.path))
 
     def write(self, frames: torch.Tensor, ready=None) -> None:
-        """Queue uint8 frames [n, H, W, 3] (CPU; not to be modified until encoded). `ready`: an object whose
-        `synchronize()` the encoder thread calls before it reads them (a CUDA event for a copy still in
-        flight), or None. Raises the encoder's error if it has already failed, so a producer stops early."""
-        if self._closed:
-            raise RuntimeError(f"{self.path}: write after close/abort")
-        if self._error is not None:
-            raise self._error
+        """Queue uint8 frames [n, H, W, 3] (CPU; not to be modified until encoded), `ready` as in
+        FrameConsumer. Raises the encoder's error if it has already failed, so a producer stops early."""
         if frames.dtype != torch.uint8 or frames.device.type != "cpu" or frames.ndim != 4 or (
             tuple(frames.shape[1:]) != (*self.size, 3)
         ):
@@ -71,24 +134,11 @@ class Mp4Writer:
                 f"frames must be uint8 [n, {self.size[0]}, {self.size[1]}, 3] on the CPU; "
                 f"got {frames.dtype} {tuple(frames.shape)} on {frames.device}"
             )
-        self._queue.put((frames, ready))
+        self._put(frames, ready)
 
     def close(self) -> None:
         """Encode everything queued, flush the encoder and finish the file; re-raise the encoder's error."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def abort(self) -> None:
-        """Stop the encoder thread (what is still queued is dropped) and close the file; never raises."""
-        self._aborted.set()
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-        self._thread.join()
+        self._close()
 
     def __enter__(self) -> "Mp4Writer":
         return self
@@ -105,34 +155,22 @@ class Mp4Writer:
         for packet in self._stream.encode(av_frame):
             self._container.mux(packet)
 
-    def _run(self) -> None:
-        """The encoder thread: frames from the queue until None, then the encoder's tail; closes the file."""
-        try:
-            while (item := self._queue.get()) is not None:
-                frames, ready = item
-                if self._aborted.is_set():
-                    continue  # drain without reading: the caller has given up on this file
-                if ready is not None:
-                    ready.synchronize()
-                t0 = time.perf_counter()
-                self.timings["last_frames_ready"] = t0 - self._opened
-                for frame in frames.numpy():
-                    self._encode(frame)
-                self.timings["encoding"] += time.perf_counter() - t0
-            if not self._aborted.is_set():
-                t0 = time.perf_counter()
-                self._encode(None)
-                self.timings["flush"] = time.perf_counter() - t0
-                self.timings["encoding"] += self.timings["flush"]
-                self.timings["finished"] = time.perf_counter() - self._opened
-        except BaseException as err:  # handed to the owner by write/close
-            self._error = err
-        finally:
-            try:
-                self._container.close()
-            except BaseException as err:
-                if self._error is None:
-                    self._error = err
+    def _consume(self, frames: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.timings["last_frames_ready"] = t0 - self._opened
+        for frame in frames.numpy():
+            self._encode(frame)
+        self.timings["encoding"] += time.perf_counter() - t0
+
+    def _finish(self) -> None:
+        t0 = time.perf_counter()
+        self._encode(None)
+        self.timings["flush"] = time.perf_counter() - t0
+        self.timings["encoding"] += self.timings["flush"]
+        self.timings["finished"] = time.perf_counter() - self._opened
+
+    def _release(self) -> None:
+        self._container.close()
 
 
 def write_mp4(frames: torch.Tensor, path: Path, fps: float, crf: int = 18) -> None:

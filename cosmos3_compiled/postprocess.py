@@ -10,12 +10,12 @@ for a video still being decoded, range by range, without blocking the decode.
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .media import FrameConsumer
 
 
 def _check_video(video: Tensor) -> None:
@@ -119,46 +119,23 @@ def to_float_frames(video: Tensor) -> Tensor:
     return out
 
 
-class StreamHasher:
+class StreamHasher(FrameConsumer):
     """sha256 of uint8 frames handed over range by range, in order (a `FrameStream` sink): hashed on a
     background thread as they arrive (hashlib releases the GIL on large buffers), so the digest of the whole
     video is ready as soon as its last range is. The same digest as hashing all frames' bytes at once."""
 
     def __init__(self) -> None:
         self._sha = hashlib.sha256()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (frames, ready) items, then None
-        self._error: BaseException | None = None
-        self._aborted = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="frame-sha256", daemon=True)
-        self._thread.start()
+        super().__init__("frame-sha256", "frame sha256")
 
     def __call__(self, frames: Tensor, ready=None) -> None:
-        """Queue contiguous uint8 frames (host; `ready.synchronize()` is called before they are read)."""
-        self._queue.put((frames, ready))
+        """Queue contiguous uint8 frames (host), `ready` as in FrameConsumer."""
+        self._put(frames, ready)
 
     def hexdigest(self) -> str:
         """Wait for everything queued, then the digest (re-raises the hashing thread's error)."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        self._close()
         return self._sha.hexdigest()
 
-    def abort(self) -> None:
-        """Stop without hashing what is still queued; never raises."""
-        self._aborted.set()
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            while (item := self._queue.get()) is not None:
-                frames, ready = item
-                if self._aborted.is_set():
-                    continue
-                if ready is not None:
-                    ready.synchronize()
-                self._sha.update(frames.numpy().data)
-        except BaseException as err:  # handed to the owner by hexdigest
-            self._error = err
-
+    def _consume(self, frames: Tensor) -> None:
+        self._sha.update(frames.numpy().data)
