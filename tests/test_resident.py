@@ -104,5 +104,7 @@ def test_resident_cudagraph_requests_leave_gpu_memory_flat(tmp_path):
     jobs must not grow: one new side stream per capture left a 32 MiB cuBLAS workspace behind each time."""
     base = [*SMALL, "device=cuda", "dtype=bfloat16", "compile=cudagraph", "output.video=true"]
     starts = [run(tmp_path, str(i), *base, f"seed={i}")["memory_gib_at_start"] for i in range(4)]
-    assert starts[0] == 0.0 < starts[1]  # job 0 loaded the models; jobs 1-3 found them resident
+    # job 0 loaded the models, jobs 1-3 found them resident (job 0 may start above 0: earlier tests in the
+    # process leave cuBLAS workspaces of their own)
+    assert starts[0] < starts[1]
     assert max(starts[1:]) - min(starts[1:]) < 1 / 1024  # GiB: less than 1 MiB apart
