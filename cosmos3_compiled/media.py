@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-# libx264 threads over slices of each frame (PyAV's default), not over whole frames. Frame threading encoded
-# 81 noise-like 1280x720 frames in 3.4 s instead of 4.3 s on the 16-core H100 host. It was dropped because two
-# encodes of the same frames decoded to slightly different pixels (at most 3 levels apart) in full test runs,
-# but slice threading later showed the same once, so the cause is not understood (docs/benchmarks, Nano §4,
-# sixth pass). The sha256 of the uint8 frames, the lossless check, is computed before encoding either way.
-_X264_THREAD_TYPE = "SLICE"
+# libx264 threads over whole frames: on the 16-core H100 host, 81 noise-like 1280x720 frames encode in 3.2-3.3 s
+# instead of 4.1-4.4 s with slice threading, and the save's tail after the VAE decode falls from 2.9 to 1.8 s
+# (tools/probe_x264.py; docs/benchmarks, Nano section 4, seventh pass). Two encodes of the same frames are
+# byte-identical at the sizes tested (96x128 and up). Frames of 64 px and below gave different bytes now and then
+# when other threads were allocating, with frame, slice or single-threaded x264 alike, and never with x264's
+# macroblock-tree rate control or its assembly turned off: x264 itself, not our threading.
+_X264_THREAD_TYPE = "FRAME"
 
 
 class FrameConsumer:

@@ -109,21 +109,19 @@ def _frames(n: int = 9, h: int = 32, w: int = 48) -> torch.Tensor:
 
 
 def test_writer_in_pieces_equals_write_mp4(tmp_path):
-    frames = _frames()
+    # 96x128: at 64 px and below, x264's macroblock-tree rate control (with its assembly) gave different bytes now
+    # and then for the same frames when other threads were allocating (see media.py); not at this size or larger
+    yy, xx = torch.meshgrid(torch.arange(96), torch.arange(128), indexing="ij")
+    frames = torch.stack([torch.stack([xx + 3 * t, 2 * yy + t, xx + yy], -1) for t in range(9)]).to(torch.uint8)
     write_mp4(frames, tmp_path / "one.mp4", fps=24)
-    with Mp4Writer(tmp_path / "pieces.mp4", 48, 32, fps=24) as writer:
+    with Mp4Writer(tmp_path / "pieces.mp4", 128, 96, fps=24) as writer:
         for f0, f1 in [(0, 1), (1, 5), (5, 6), (6, 9)]:
             writer.write(frames[f0:f1])
-    one, pieces = read_video_frames(tmp_path / "one.mp4"), read_video_frames(tmp_path / "pieces.mp4")
-    assert one.shape == pieces.shape == (9, 32, 48, 3)
-    # Usually bit-identical; in 3 of ~8 full-suite runs (on a 2-core CPU and on a 16-core host, with frame or slice
-    # threading) the two encodes decoded up to 3 levels apart, for a reason not yet understood. So: as close as
-    # two encodes of the same frames at crf 18 can be, and both close to the source.
-    diff = (one.astype(np.float64) - pieces.astype(np.float64)) ** 2
-    assert diff.mean() == 0 or 10 * np.log10(255**2 / diff.mean()) >= 45.0
-    for decoded in (one, pieces):
-        mse = ((decoded.astype(np.float64) - frames.numpy()) ** 2).mean()
-        assert 10 * np.log10(255**2 / mse) >= 30.0
+    assert (tmp_path / "one.mp4").read_bytes() == (tmp_path / "pieces.mp4").read_bytes()
+    decoded = read_video_frames(tmp_path / "one.mp4")
+    assert decoded.shape == (9, 96, 128, 3)
+    mse = ((decoded.astype(np.float64) - frames.numpy()) ** 2).mean()
+    assert 10 * np.log10(255**2 / mse) >= 30.0
     assert not _writer_threads()
 
 
