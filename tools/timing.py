@@ -31,6 +31,24 @@ def time_calls(fn, warmup: int, iters: int, device: torch.device | str = "cuda")
     return out
 
 
+def time_back_to_back(fn, warmup: int, iters: int, device: torch.device | str = "cuda") -> list[float]:
+    """Seconds per call of `fn` when calls are queued one after another with no host sync in between, as the
+    denoise loop runs its steps: an event after every call, all read after the last one. `time_calls` waits for
+    each call instead, so each of its times also holds the launch latency of a GPU that went idle."""
+    for _ in range(warmup):
+        fn()
+    if torch.device(device).type != "cuda":
+        return time_calls(fn, 0, iters, device)
+    torch.cuda.synchronize()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    events[0].record()
+    for i in range(iters):
+        fn()
+        events[i + 1].record()
+    events[-1].synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+
+
 def gpu_kernels(fn, iters: int = 1) -> list[tuple[str, float]]:
     """(name, seconds) of every GPU activity (kernels, memcpy, memset) the profiler records over `iters` calls
     of `fn`; CUPTI also sees kernels replayed from a CUDA graph."""
