@@ -64,3 +64,20 @@ def gpu_kernels(fn, iters: int = 1) -> list[tuple[str, float]]:
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA
     ]
+
+
+def profiled_back_to_back(fn, iters: int) -> tuple[list[float], list[tuple[str, float]]]:
+    """Per-call seconds of `iters` back-to-back calls and the GPU activities of those same calls, both taken in
+    one profiled loop, so a wall ÷ kernel-time ratio is not skewed by the GPU clocking differently between a
+    timing loop and a separate profiling burst."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        times = time_back_to_back(fn, 0, iters)
+    activities = [
+        (e.name, (e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total) / 1e6)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    return times, activities
