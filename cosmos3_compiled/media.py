@@ -20,6 +20,8 @@ from PIL import Image
 # when other threads were allocating, with frame, slice or single-threaded x264 alike, and never with x264's
 # macroblock-tree rate control or its assembly turned off: x264 itself, not our threading.
 _X264_THREAD_TYPE = "FRAME"
+_BT601_MATRIX = 6  # AVCOL_SPC_SMPTE170M
+_LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG
 
 
 class FrameConsumer:
@@ -116,6 +118,10 @@ class Mp4Writer(FrameConsumer):
             self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
             self._stream.options = {"crf": str(crf)}
             self._stream.codec_context.thread_type = _X264_THREAD_TYPE
+            # PyAV converts the RGB frames with swscale's default, the BT.601 matrix into limited ("TV") range.
+            # Say so in the stream: untagged, players take HD video (720p and up) for BT.709 and shift its colours.
+            self._stream.codec_context.colorspace = _BT601_MATRIX
+            self._stream.codec_context.color_range = _LIMITED_RANGE
         except BaseException:
             self._container.close()
             raise

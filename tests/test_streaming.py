@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -120,6 +121,9 @@ def test_writer_in_pieces_equals_write_mp4(tmp_path):
     assert (tmp_path / "one.mp4").read_bytes() == (tmp_path / "pieces.mp4").read_bytes()
     decoded = read_video_frames(tmp_path / "one.mp4")
     assert decoded.shape == (9, 96, 128, 3)
+    with av.open(str(tmp_path / "one.mp4")) as container:  # tagged with the matrix and range it was converted with
+        ctx = container.streams.video[0].codec_context
+        assert (int(ctx.colorspace), int(ctx.color_range)) == (6, 1)  # SMPTE 170M (BT.601), limited range
     mse = ((decoded.astype(np.float64) - frames.numpy()) ** 2).mean()
     assert 10 * np.log10(255**2 / mse) >= 30.0
     assert not _writer_threads()
