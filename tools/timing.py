@@ -59,11 +59,7 @@ def gpu_kernels(fn, iters: int = 1) -> list[tuple[str, float]]:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    return [
-        (e.name, (e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total) / 1e6)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    ]
+    return _gpu_activities(prof)
 
 
 def profiled_back_to_back(fn, iters: int) -> tuple[list[float], list[tuple[str, float]]]:
@@ -75,9 +71,13 @@ def profiled_back_to_back(fn, iters: int) -> tuple[list[float], list[tuple[str, 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         times = time_back_to_back(fn, 0, iters)
-    activities = [
+    return times, _gpu_activities(prof)
+
+
+def _gpu_activities(prof) -> list[tuple[str, float]]:
+    """(name, seconds) of every GPU activity a finished profiler recorded."""
+    return [
         (e.name, (e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total) / 1e6)
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA
     ]
-    return times, activities
