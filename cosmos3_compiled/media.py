@@ -107,7 +107,7 @@ class Mp4Writer(FrameConsumer):
     file is left incomplete: the caller deletes it). As a context manager: close on success, abort on error.
     """
 
-    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int = 18) -> None:
+    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int = 18, preset: str = "medium") -> None:
         if width % 2 or height % 2:
             raise ValueError(f"H.264 yuv420p needs an even width and height, got {width}x{height}")
         self.path = Path(path)
@@ -116,7 +116,7 @@ class Mp4Writer(FrameConsumer):
         try:
             self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
-            self._stream.options = {"crf": str(crf)}
+            self._stream.options = {"crf": str(crf), "preset": preset}
             self._stream.codec_context.thread_type = _X264_THREAD_TYPE
             # PyAV converts the RGB frames with swscale's default, the BT.601 matrix into limited ("TV") range.
             # Say so in the stream: untagged, players take HD video (720p and up) for BT.709 and shift its colours.
@@ -180,10 +180,10 @@ class Mp4Writer(FrameConsumer):
         self._container.close()
 
 
-def write_mp4(frames: torch.Tensor, path: Path, fps: float, crf: int = 18) -> None:
+def write_mp4(frames: torch.Tensor, path: Path, fps: float, crf: int = 18, preset: str = "medium") -> None:
     """uint8 frames [F, H, W, 3] → H.264 (yuv420p) MP4 at `fps`; H and W must be even."""
     _, h, w, _ = frames.shape
-    with Mp4Writer(path, w, h, fps, crf) as writer:
+    with Mp4Writer(path, w, h, fps, crf, preset) as writer:
         writer.write(frames)
 
 

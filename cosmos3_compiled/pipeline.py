@@ -132,6 +132,8 @@ def check_settings(cfg: DictConfig) -> tuple[torch.device, torch.dtype, torch.dt
         raise RequestError(f"model.vae_tiles={tiles}: use 1 to {latent_width} (the latent width, width/16) strips")
     if tiles > 1 and cfg.parallel.vae_rows:
         raise RequestError("model.vae_tiles > 1 and parallel.vae_rows=true are two different decode splits: pick one")
+    if not 0 <= cfg.output.crf <= 51:
+        raise RequestError(f"output.crf={cfg.output.crf}: H.264 takes 0 (lossless) to 51")
     if cfg.checkpoint is None:
         preset(cfg.model.name)
     return device, dtype, vae_dtype
@@ -212,7 +214,7 @@ def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_star
         metrics["parallel"] = par.describe()
     # video.mp4 is encoded while the VAE decodes (Save's stream, fed by Decode, read by Postprocess)
     save = Save(components, out_dir, frames=_value(cfg.output.frames), video=cfg.output.video, crf=cfg.output.crf,
-                num_frames=request.num_frames)
+                preset=_value(cfg.output.preset), num_frames=request.num_frames)
     stream = save.stream if writer else None
     stages = [
         ("tokenize", Tokenize(components)),

@@ -26,6 +26,18 @@ class FramesOut(str, Enum):
     float32 = "float32"
 
 
+class X264Preset(str, Enum):
+    ultrafast = "ultrafast"
+    superfast = "superfast"
+    veryfast = "veryfast"
+    faster = "faster"
+    fast = "fast"
+    medium = "medium"
+    slow = "slow"
+    slower = "slower"
+    veryslow = "veryslow"
+
+
 class GQA(str, Enum):
     native = "native"  # SDPA's enable_gqa
     expand = "expand"  # K/V copied out to every query head
@@ -92,6 +104,7 @@ class OutputConfig:
     video: bool = True
     progress: bool = True
     crf: int = 18
+    preset: X264Preset = X264Preset.medium
     dir: Optional[str] = None
 
 

@@ -56,9 +56,9 @@ class VideoStream:
     is deleted, so no video.mp4 appears.
     """
 
-    def __init__(self, out_dir: Path, crf: int = 18) -> None:
+    def __init__(self, out_dir: Path, crf: int = 18, preset: str = "medium") -> None:
         self.path = Path(out_dir) / "video.mp4"
-        self.crf = crf
+        self.crf, self.preset = crf, preset
         self._writer: Mp4Writer | None = None
         self._frames: FrameStream | None = None
         self._hasher: StreamHasher | None = None
@@ -70,7 +70,7 @@ class VideoStream:
             raise RuntimeError(f"{self.path}: the video stream was already started")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _, _, _, h, w = video.shape
-        self._writer = Mp4Writer(partial_path(self.path), w, h, fps, self.crf)
+        self._writer = Mp4Writer(partial_path(self.path), w, h, fps, self.crf, self.preset)
         self._hasher = StreamHasher()
         self._frames = FrameStream(video, self._hand_over)
         return self._frames
@@ -141,10 +141,10 @@ class Save:
     """
 
     def __init__(self, components: Components, out_dir: Path, frames: str = "none", video: bool = True,
-                 crf: int = 18, num_frames: int = 1):
+                 crf: int = 18, preset: str = "medium", num_frames: int = 1):
         self.out_dir = Path(out_dir)
         self.frames, self.video = frames, video
-        self.stream = VideoStream(self.out_dir, crf) if video and num_frames > 1 else None
+        self.stream = VideoStream(self.out_dir, crf, preset) if video and num_frames > 1 else None
 
     def __call__(self, state: State) -> State:
         self.out_dir.mkdir(parents=True, exist_ok=True)

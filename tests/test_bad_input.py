@@ -141,6 +141,8 @@ def test_output_dir_is_a_file(no_load, tmp_path):
     ("compile.mode=turbo", "unknown compile mode 'turbo'; choose one of eager"),
     ("sampler.num_inference_steps=0", "sampler.num_inference_steps must be >= 1, got 0"),
     ("fps=0", "fps must be positive, got 0.0"),
+    ("output.crf=52", "output.crf=52: H.264 takes 0 (lossless) to 51"),
+    ("output.crf=-1", "output.crf=-1: H.264 takes 0 (lossless) to 51"),
 ])
 def test_bad_settings(no_load, tmp_path, override, match):
     fails([override], tmp_path, match)

@@ -249,6 +249,7 @@ def test_mistyped_key_fails_at_compose(override):
     ("output.frames=png", "Invalid value 'png', expected one of [none, uint8, float32]"),
     ("output.video=maybe", "'maybe' is not a valid bool"),
     ("sampler.schedule=cosine", "Invalid value 'cosine'"),
+    ("output.preset=warp", "Invalid value 'warp', expected one of [ultrafast,"),
 ])
 def test_wrong_type_fails_at_compose(override, detail):
     with pytest.raises(ConfigCompositionException, match=re.escape(f"Error merging override {override}")) as info:

@@ -129,6 +129,15 @@ def test_writer_in_pieces_equals_write_mp4(tmp_path):
     assert not _writer_threads()
 
 
+@pytest.mark.parametrize(("preset", "cabac"), [("ultrafast", b"cabac=0"), ("medium", b"cabac=1")])
+def test_preset_reaches_the_encoder(tmp_path, preset, cabac):
+    # x264 writes its settings into the stream; ultrafast is the one preset that turns CABAC off
+    out = generate(compose_generate([*SMALL, f"output.preset={preset}", "output.crf=23"]), tmp_path)
+    raw = (tmp_path / "video.mp4").read_bytes()
+    assert cabac in raw and b"crf=23.0" in raw
+    assert read_video_frames(tmp_path / "video.mp4").shape == (9, 32, 32, 3) and out.sha256
+
+
 def test_writer_error_reaches_the_caller(tmp_path, monkeypatch):
     def fail(self, frame):
         raise OSError("disk full")
