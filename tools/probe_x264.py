@@ -6,8 +6,8 @@ the decoded MP4 against the source frames (quality at the same crf).
 
     python tools/probe_x264.py [--content noise,textured,smooth] [--settings NAME,...] [--out DIR]
 
-Settings are named: `<thread type>` or `<thread type>-la<N>` (rc-lookahead N; x264's default for preset medium
-is 40). A probe for choosing the product's encoder settings, not part of the pipeline.
+Settings are named `<thread type>[-la<N>][-th<N>][-p<preset>]`: rc-lookahead N (x264's default for preset
+medium is 40), N threads, a libx264 preset (default medium). A probe for choosing the product's encoder settings, not part of the pipeline.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def parse(name: str) -> tuple[str, dict]:
             options["rc-lookahead"] = part[2:]
         elif part.startswith("th"):
             options["threads"] = part[2:]
+        elif part.startswith("p"):
+            options["preset"] = part[1:]
         else:
             raise ValueError(name)
     return thread_type.upper(), options
