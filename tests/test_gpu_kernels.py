@@ -8,6 +8,7 @@ from cosmos3_compiled import ops
 from cosmos3_compiled.checkpoint import build_random
 from cosmos3_compiled.compile import CompileSettings, apply_compile
 from cosmos3_compiled.config import preset
+from text_pass_utils import same_text_kv, text_kv_both_ways
 
 pytestmark = pytest.mark.gpu
 
@@ -105,14 +106,8 @@ def test_offloaded_text_pass_streams_the_same_keys_and_values():
     assert offloaded.text_offloaded
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, resident.cfg.vocab_size, (n,), generator=gen) for n in (19, 11)]
-    want = [resident.setup_branch(len(ids), (2, 4, 6), fps=24.0) for ids in prompts]
-    for ids, b in zip(prompts, want):
-        resident.text_pass(ids, b)
-    got = [offloaded.setup_branch(len(ids), (2, 4, 6), fps=24.0) for ids in prompts]
-    offloaded.text_passes(list(zip(prompts, got)))
+    want, got = text_kv_both_ways(resident, offloaded, prompts)
     torch.cuda.synchronize()
-    for w, g in zip(want, got):
-        for kr, ko, vr, vo in zip(w.k_bufs, g.k_bufs, w.v_bufs, g.v_bufs):
-            assert torch.equal(kr, ko) and torch.equal(vr, vo)
+    assert same_text_kv(want, got)
     text_params = [p for n, p in offloaded.named_parameters() if offloaded.is_text_param(n)]
     assert text_params and all(p.device.type == "cpu" and p.is_pinned() for p in text_params)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from dit_reference import build_reference_transformer, reference_velocity
+from text_pass_utils import same_text_kv, text_kv_both_ways
 
 from cosmos3_compiled.checkpoint import load_transformer
 
@@ -105,14 +106,8 @@ def test_text_passes_of_both_prompts_match_one_at_a_time():
     model = build_random(preset("debug"), seed=3, dtype=torch.float32)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen) for n in (13, 7)]
-    one = [model.setup_branch(len(ids), (2, 4, 6), fps=24.0) for ids in prompts]
-    for ids, b in zip(prompts, one):
-        model.text_pass(ids, b)
-    both = [model.setup_branch(len(ids), (2, 4, 6), fps=24.0) for ids in prompts]
-    model.text_passes(list(zip(prompts, both)))
-    for a, b in zip(one, both):
-        for ka, kb, va, vb in zip(a.k_bufs, b.k_bufs, a.v_bufs, b.v_bufs):
-            assert torch.equal(ka, kb) and torch.equal(va, vb)
-            assert ka.abs().sum() > 0  # the text rows were written
+    one, both = text_kv_both_ways(model, model, prompts)
+    assert same_text_kv(one, both)
+    assert all(k.abs().sum() > 0 for branch in one for k in branch.k_bufs)  # the text rows were written
     with pytest.raises(ValueError, match="set up for 7"):
         model.text_passes([(prompts[0], both[1])])
