@@ -45,9 +45,14 @@ def recompile(model, mode: str, scope: str) -> None:
     apply_compile(model, CompileSettings(mode=mode, scope=scope, fullgraph=True))
 
 
+def kernel_times(activities: list[tuple[str, float]]) -> list[float]:
+    """The kernels' seconds among the profiler's GPU activities (memsets and memcpys left out)."""
+    return [s for name, s in activities if "Memset" not in name and "Memcpy" not in name]
+
+
 def kernel_sum(fn, iters: int) -> dict:
     """Sum of GPU kernel time and kernel launches per call, from the profiler (CUPTI also sees graph replays)."""
-    kernels = [s for name, s in gpu_kernels(fn, iters) if "Memset" not in name and "Memcpy" not in name]
+    kernels = kernel_times(gpu_kernels(fn, iters))
     return {"kernel_s": sum(kernels) / iters, "kernels_per_call": len(kernels) / iters}
 
 
@@ -231,7 +236,7 @@ def main() -> None:
                 row["back_to_back_over_kernels"] = back_to_back * per_call_branches / row["kernel_s"]
                 # wall and kernel time of the SAME calls (one profiled back-to-back loop)
                 times_p, acts = profiled_back_to_back(call, args.iters)
-                kernels_p = sum(s for name, s in acts if "Memset" not in name and "Memcpy" not in name) / args.iters
+                kernels_p = sum(kernel_times(acts)) / args.iters
                 row["same_calls_wall_s"] = statistics.median(times_p) / per_call_branches
                 row["same_calls_kernel_s"] = kernels_p / per_call_branches
                 row["same_calls_wall_over_kernels"] = statistics.median(times_p) / kernels_p

@@ -51,13 +51,19 @@ def parse(name: str) -> tuple[str, dict]:
     return thread_type.upper(), options
 
 
-def encode(frames: np.ndarray, path: Path, setting: str, decode_s: float) -> dict:
-    thread_type, options = parse(setting)
+def open_x264(path: Path, height: int, width: int, options: dict, thread_type: str):
+    """An MP4 container at `path` with one 24 fps libx264 yuv420p stream: (container, stream)."""
     container = av.open(str(path), mode="w", format="mp4")
     stream = container.add_stream("libx264", rate=Fraction(24))
-    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.options = dict(options)
     stream.codec_context.thread_type = thread_type
+    return container, stream
+
+
+def encode(frames: np.ndarray, path: Path, setting: str, decode_s: float) -> dict:
+    thread_type, options = parse(setting)
+    container, stream = open_x264(path, frames.shape[1], frames.shape[2], options, thread_type)
     q: queue.SimpleQueue = queue.SimpleQueue()
     flush = {}
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import threading
-from fractions import Fraction
 
 import av
 import numpy as np
 import torch
+
+from probe_x264 import open_x264  # tools/, this script's folder
 
 
 def frames_for(height: int, width: int, n: int = 9) -> np.ndarray:
@@ -26,12 +27,8 @@ def frames_for(height: int, width: int, n: int = 9) -> np.ndarray:
 
 
 def encode(frames: np.ndarray, path: str, thread_type: str, x264_params: str | None) -> list[bytes]:
-    container = av.open(path, mode="w", format="mp4")
-    stream = container.add_stream("libx264", rate=Fraction(24))
-    stream.height, stream.width = frames.shape[1:3]
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": "18", **({"x264-params": x264_params} if x264_params else {})}
-    stream.codec_context.thread_type = thread_type
+    options = {"crf": "18", **({"x264-params": x264_params} if x264_params else {})}
+    container, stream = open_x264(path, frames.shape[1], frames.shape[2], options, thread_type)
     packets = []
     for frame in [*frames, None]:
         av_frame = None if frame is None else av.VideoFrame.from_ndarray(frame, format="rgb24")
