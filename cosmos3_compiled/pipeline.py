@@ -44,7 +44,7 @@ def _value(x):
 
 
 def build_request(cfg: DictConfig):
-    from stages.state import Request
+    from cosmos3_compiled.stages.state import Request
 
     h, w, f, fps = int(cfg.height), int(cfg.width), int(cfg.num_frames), float(cfg.fps)
     if h <= 0 or w <= 0 or h % 16 or w % 16:
@@ -174,15 +174,15 @@ def generate(cfg: DictConfig, out_dir: str | Path):
 
 
 def _generate(cfg, out_dir: Path, request, device, dtype, vae_dtype, par, t_start: float):
-    from stages.decode import Decode
-    from stages.denoise import Denoise
-    from stages.latents import Latents
-    from stages.postprocess import Postprocess
-    from stages.save import Save, write_metrics
-    from stages.state import Components, State
-    from stages.text_pass import TextPass
-    from stages.timesteps import Timesteps
-    from stages.tokenize import Tokenize
+    from cosmos3_compiled.stages.decode import Decode
+    from cosmos3_compiled.stages.denoise import Denoise
+    from cosmos3_compiled.stages.latents import Latents
+    from cosmos3_compiled.stages.postprocess import Postprocess
+    from cosmos3_compiled.stages.save import Save, write_metrics
+    from cosmos3_compiled.stages.state import Components, State
+    from cosmos3_compiled.stages.text_pass import TextPass
+    from cosmos3_compiled.stages.timesteps import Timesteps
+    from cosmos3_compiled.stages.tokenize import Tokenize
 
     writer = par is None or par.is_writer
     if writer:

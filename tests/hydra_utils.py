@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from cosmos3_compiled.schema import register_configs
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "cosmos3_compiled" / "conf"
 
 
 def compose_generate(overrides: list[str] | None = None, return_hydra_config: bool = False):

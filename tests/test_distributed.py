@@ -25,7 +25,7 @@ from cosmos3_compiled.distributed import ParallelError, Ulysses, layout
 from cosmos3_compiled.pipeline import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR_LAUNCHER = ROOT / "conf" / "hydra" / "launcher"
+CONF_DIR_LAUNCHER = ROOT / "cosmos3_compiled" / "conf" / "hydra" / "launcher"
 LATENT_SHAPE = (2, 5, 6)  # 2 × 3 × 3 = 18 video tokens: Ulysses 2 gets 9 each
 TEXT_LENS = (13, 8)  # cond, uncond
 GUIDANCE = 4.0

@@ -45,7 +45,7 @@ def test_request_settings_do_not_reload(tmp_path):
 
 
 def test_failed_job_frees_the_models(tmp_path, monkeypatch):
-    from stages.decode import Decode
+    from cosmos3_compiled.stages.decode import Decode
 
     run(tmp_path, "a")
     held = RESIDENT.models

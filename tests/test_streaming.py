@@ -246,7 +246,7 @@ def test_encoder_error_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", [1, 2])
 def test_cuda_streamed_frames_equal_to_uint8_frames(tmp_path, tiles):
-    from stages.save import VideoStream
+    from cosmos3_compiled.stages.save import VideoStream
 
     vae = _tiny_vae("cuda").to(torch.bfloat16)
     vae.tiles = tiles

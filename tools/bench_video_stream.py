@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from cosmos3_compiled.media import write_mp4  # noqa: E402
 from cosmos3_compiled.postprocess import to_uint8_frames  # noqa: E402
-from stages.save import VideoStream  # noqa: E402
+from cosmos3_compiled.stages.save import VideoStream  # noqa: E402
 
 
 def make_video(content: str, frames: int, height: int, width: int, device: str) -> torch.Tensor:
