@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import RequestError
+
 import json
 import struct
 from pathlib import Path
@@ -12,8 +14,7 @@ from safetensors import safe_open
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be used as it is."""
+CheckpointError = RequestError  # the one user-error type (errors.py)
 
 
 def read_json(path: Path) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import RequestError
+
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +11,7 @@ from pathlib import Path
 from .checkpoint_io import read_json
 
 
-class ConfigError(ValueError):
-    """A transformer configuration that cannot describe a working model."""
+ConfigError = RequestError  # the one user-error type (errors.py)
 
 
 @dataclass(frozen=True)

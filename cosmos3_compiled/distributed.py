@@ -16,6 +16,8 @@ one token all-gather at the end of the video step (Ulysses) and one velocity all
 
 from __future__ import annotations
 
+from .errors import RequestError
+
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,8 +30,7 @@ from einops import rearrange
 RUN_STAMP_KEY = "cosmos3/run_stamp"
 
 
-class ParallelError(ValueError):
-    """A parallel layout that cannot run (world size, head or token counts); raised before the denoise loop."""
+ParallelError = RequestError  # the one user-error type (errors.py)
 
 
 # ---- process environment ------------------------------------------------------------------------

@@ -50,6 +50,8 @@ Known differences from diffusers, all outside what the Cosmos3 pipeline exercise
 
 from __future__ import annotations
 
+from .errors import RequestError
+
 import dataclasses
 import json
 import math
@@ -69,8 +71,7 @@ __all__ = [
 ]
 
 
-class SchedulerConfigError(ValueError):
-    """A ``scheduler_config.json`` value this scheduler cannot honour."""
+SchedulerConfigError = RequestError  # the one user-error type (errors.py)
 
 
 # The published Cosmos3 scheduler settings (shared/COSMOS3.md §5), for tests and tools.

@@ -282,7 +282,7 @@ def test_torchrun_generation_matches_single_process(layout_name, nproc, vae_rows
                                                     tmp_path):
     # model.batch_cfg needs both branches' whole sequences on one rank: every layout here falls back to per-branch
     overrides = [f"parallel={layout_name}", "parallel.backend=gloo", f"parallel.vae_rows={vae_rows}",
-                 "model.batch_cfg=true", "hydra.verbose=[stages.denoise,stages.decode]"]
+                 "model.batch_cfg=true", "hydra.verbose=[cosmos3_compiled.stages.denoise,cosmos3_compiled.stages.decode]"]
     proc = _torchrun(nproc, [*overrides, *REQUEST], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # every rank ends with the same latents (the row-parallel decode relies on it) and the same video
