@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import offload
 from .checkpoint_io import assign_strict, load_tensors, weight_files
 from .config import TransformerConfig
 from .model import Cosmos3Transformer
@@ -19,21 +20,22 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 
 def load_transformer(
     folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-    offload_text_tower: bool = False,
+    offload_text_tower: bool = False, cfg: TransformerConfig | None = None,
 ) -> Cosmos3Transformer:
     """Build on the meta device and assign the official `transformer/` weights (one file or shards), strictly.
 
     The time embedder stays in fp32, as in the reference. Video-tower projections are fused after loading.
     With `offload_text_tower`, text-tower weights are read into host memory and never held on `device`.
+    `cfg`: the folder's config when the caller already parsed it (`components.read_checkpoint`).
     """
     folder = Path(folder)
-    cfg = TransformerConfig.from_folder(folder)
+    cfg = cfg or TransformerConfig.from_folder(folder)
     files = weight_files(folder, WEIGHTS_STEM)
     with torch.device("meta"):
         model = Cosmos3Transformer(cfg)
     state = load_tensors(files, "cpu" if offload_text_tower else device)
     if offload_text_tower:
-        state = {k: v if Cosmos3Transformer.is_text_param(k) else v.to(device) for k, v in state.items()}
+        state = {k: v if offload.is_text_param(k) else v.to(device) for k, v in state.items()}
     ignore = frozenset(
         k for k in state if k in Cosmos3Transformer.unused_keys or k.startswith(Cosmos3Transformer.unused_prefixes)
     )
@@ -41,7 +43,7 @@ def load_transformer(
     del state
     model.eval().requires_grad_(False)
     if offload_text_tower:
-        model.offload_text_tower()
+        offload.offload_text_tower(model)
     model.setup_buffers()
     return model
 
@@ -83,14 +85,14 @@ def build_random(
             if p is None:
                 continue
             name = f"{mod_name}.{pname}" if mod_name else pname
-            target = "cpu" if offload_text_tower and Cosmos3Transformer.is_text_param(name) else device
+            target = "cpu" if offload_text_tower and offload.is_text_param(name) else device
             keep = torch.float32 if name.startswith(Cosmos3Transformer.keep_fp32) else dtype
             module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=keep, device=target),
                                                      requires_grad=False)
     init_random_(model, seed)
     model.eval().requires_grad_(False)
     if offload_text_tower:
-        model.offload_text_tower()
+        offload.offload_text_tower(model)
     if fuse:
         model.setup_buffers()
     return model

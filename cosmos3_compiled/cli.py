@@ -29,13 +29,14 @@ def hydra_main(cfg: DictConfig) -> str | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .pipeline import USER_ERRORS, generate
+    from .errors import RequestError
+    from .pipeline import generate
 
     out_dir = Path(cfg.output.dir) if cfg.output.dir else Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         state = generate(cfg, out_dir)
-    except USER_ERRORS as err:
+    except RequestError as err:
         if multirun:  # let Hydra record the failure; the sweep's other jobs still run
             log.error("job failed: %s", err)
             raise

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-# torch.compile modes by config name; "eager" compiles nothing.
+from .schema import CompileConfig
+
+# torch.compile modes by config name (schema.CompileMode); "eager" compiles nothing.
 MODES = {
     "eager": None,
     "default": "default",
     "max_autotune_no_cudagraphs": "max-autotune-no-cudagraphs",
     "max_autotune": "max-autotune",
     "reduce_overhead": "reduce-overhead",
-    "cudagraph": "default",  # inductor kernels, then our own whole-step CUDA graph (see stages/denoise.py)
+    "cudagraph": "default",  # inductor kernels, then our own whole-step CUDA graph (`CudaGraphRunner`)
 }
 
 
-@dataclass
-class CompileSettings:
-    mode: str = "eager"
-    scope: str = "blocks"  # "blocks": each repeated layer (regional); "full": the whole video step
-    fullgraph: bool = True
-    dynamic: bool = False
-    recompile_limit: int = 8
-    inductor: dict = field(default_factory=dict)
+def _mode(x) -> str:
+    return x.value if hasattr(x, "value") else str(x)
 
 
 def apply_inductor_flags(flags: dict) -> None:
@@ -41,32 +39,46 @@ def apply_inductor_flags(flags: dict) -> None:
         setattr(obj, leaf, value)
 
 
-def apply_compile(model: torch.nn.Module, settings: CompileSettings) -> torch.nn.Module:
-    """Compile the model's video step per `settings` (in place); returns the model."""
-    if settings.mode not in MODES:
-        raise ValueError(f"unknown compile mode {settings.mode!r}; choose one of {', '.join(MODES)}")
-    mode = MODES[settings.mode]
+def apply_compile(model: torch.nn.Module, settings: CompileConfig) -> torch.nn.Module:
+    """Compile the model's video step per `settings` (the schema's `compile` node, in place); returns the model."""
+    mode = MODES[_mode(settings.mode)]
     if mode is None:
         return model
     torch._dynamo.config.cache_size_limit = settings.recompile_limit
     torch._dynamo.config.recompile_limit = settings.recompile_limit
-    apply_inductor_flags(settings.inductor)
+    apply_inductor_flags(dict(settings.inductor))
     kwargs = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic, mode=mode)
     trees = mode in ("reduce-overhead", "max-autotune")  # inductor's cudagraph trees skip input-mutating graphs
     for m in model.modules():
         if hasattr(m, "accumulate_into_input"):
             m.accumulate_into_input = not trees
-    if settings.scope == "blocks":
+    if _mode(settings.scope) == "blocks":
         repeated = set(getattr(model, "_repeated_blocks", ()))
         blocks = [m for m in model.modules() if type(m).__name__ in repeated]
         if not blocks:
             raise ValueError(f"{type(model).__name__} declares no repeated blocks to compile")
         for block in blocks:
             block.compile(**kwargs)
-    elif settings.scope == "full":
-        model.compile(**kwargs)
     else:
-        raise ValueError(f"unknown compile scope {settings.scope!r}; choose 'blocks' or 'full'")
+        model.compile(**kwargs)
+    return model
+
+
+def is_compiling() -> bool:
+    """True while dynamo traces: a compiled unit may then take a spelling that suits inductor better."""
+    return torch.compiler.is_compiling()
+
+
+def drop_compiled() -> None:
+    """Forget every compiled graph of this process (models about to be freed, or too many shapes served)."""
+    torch.compiler.reset()
+
+
+def reset_compile(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `apply_compile`: drop every compiled graph of the process and restore the plain forwards."""
+    torch._dynamo.reset()
+    for m in model.modules():
+        m._compiled_call_impl = None
     return model
 
 
@@ -100,9 +112,9 @@ _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def _capture_stream() -> torch.cuda.Stream:
-    """One side stream per device for every capture of the process. cuBLAS keeps a workspace (32 MiB) for each
-    stream that ever ran a GEMM, for the life of the process, so a fresh stream per request (the resident models
-    of a sweep capture once per job) grew memory by 32 MiB per request (H100, 2026-11-26)."""
+    """One side stream per device for every capture of the process. cuBLAS keeps a workspace for each stream that
+    ever ran a GEMM, for the life of the process, so a fresh stream per request (the resident models of a sweep
+    capture once per job) would grow memory with every request."""
     dev = torch.cuda.current_device()
     if dev not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[dev] = torch.cuda.Stream(dev)
@@ -146,27 +158,25 @@ class CudaGraphRunner:
             self.graph, _ = capture_cuda_graph(self.step)
 
 
-def apply_compile_text(model, mode: str) -> None:
+def apply_compile_text(model, mode) -> None:
     """Compile the text tower's per-layer forward. It runs once per prompt and branch, so eager is the
     default: compiling it costs seconds to save milliseconds."""
-    if mode == "eager":
+    mode = MODES[_mode(mode)]
+    if mode is None:
         return
-    if mode not in MODES or MODES[mode] is None:
-        raise ValueError(f"unknown text-pass compile mode {mode!r}; choose eager or one of {', '.join(MODES)}")
     for layer in model.layers:
-        layer.text_forward = torch.compile(layer.text_forward, fullgraph=True, dynamic=False, mode=MODES[mode])
+        layer.text_forward = torch.compile(layer.text_forward, fullgraph=True, dynamic=False, mode=mode)
 
 
 def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts: bool = True) -> None:
-    """Compile the VAE's per-chunk decoder bodies (fullgraph); "eager" leaves them alone.
+    """Compile the VAE's decode units (`vae.compile_units`, fullgraph); "eager" leaves them alone.
 
-    channels_last: lay the decoder out channels_last_3d first (pays only compiled: H100 720p bf16 decode
-    2.68 s compiled, 5.47 s eager channels_last; docs/benchmarks/wan22_vae_h100_20261126.md, fifth pass).
-    emulate_casts: inductor rounds every intermediate to the tensor dtype where eager would
-    (`emulate_precision_casts`) instead of keeping fused elementwise chains in fp32, so a bf16 compiled
-    decode tracks the eager one: 50.8 dB vs 49.7 dB without (H100, 720p; the VAE's own epilogues are
-    already fp32 with one rounding, see vae._finish; docs/benchmarks/wan22_vae_h100_20261126.md).
-    The tile-major decode (`vae.tiles`) compiles its units once per column strip.
+    channels_last: lay the decoder out channels_last_3d first (it pays only compiled; see the Wan2.2 VAE
+    report in docs/benchmarks/). emulate_casts: inductor rounds every intermediate to the tensor dtype where
+    eager would (`emulate_precision_casts`) instead of keeping fused elementwise chains in fp32, so a bf16
+    compiled decode tracks the eager one (the VAE's own epilogues are already fp32 with one rounding, see
+    vae.layers._finish). Every decode strategy (whole frames, `vae.tiles` column strips, row-parallel) calls
+    the same units; column strips compile them once per strip.
     """
     if mode == "eager":
         return
@@ -180,24 +190,88 @@ def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts:
     options = dict(torch._inductor.list_mode_options(MODES[mode]))
     if emulate_casts:
         options["emulate_precision_casts"] = True
-    for name in ("decoder_first_chunk", "decoder_chunk", "decoder_head", "decoder_tail", "decoder_stem",
-                 "decoder_first_tile"):
-        if hasattr(vae, name):
-            setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, options=options))
+    for name in vae.compile_units:
+        setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, options=options))
 
 
-def make_step_runner(mode: str, step, state: list[torch.Tensor], warmup: int):
+def make_step_runner(mode, step, warmup: int):
+    """The denoise loop's per-step call: our whole-step CUDA graph, the steady-state guard, or the step itself."""
+    mode = _mode(mode)
     if mode == "cudagraph":
-        if not all(t.is_cuda for t in state):
-            raise ValueError("compile=cudagraph captures a CUDA graph: it needs device=cuda")
         return CudaGraphRunner(step, max(1, warmup))
-    if MODES.get(mode) is None:
+    if MODES[mode] is None:
         return step
     return SteadyStateRunner(step, warmup)
 
 
-def setup_compile_cache(cache_dir: str | None) -> "CompileCache | None":
-    return CompileCache(cache_dir) if cache_dir else None
+class ServedBuckets:
+    """Request shapes whose compiled graphs this process holds. Each text length (per latent size) is one more graph
+    of the video step and each latent size one more of the VAE units, and dynamo stops compiling (falls back to
+    eager) past `compile.recompile_limit` graphs per function; so before a request would cross that, the compiled
+    code is reset and compiles afresh (from the on-disk caches where they are warm)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.text: set = set()  # (latent shape, text length)
+        self.latent: set = set()  # latent shape
+
+    def knows(self, latent_shape: tuple, text_lens: list[int]) -> bool:
+        return {(tuple(latent_shape), n) for n in text_lens} <= self.text
+
+    def add(self, latent_shape: tuple, text_lens: list[int]) -> bool:
+        """Record one request's shapes; True when the compiled graphs had to be reset first."""
+        text = {(tuple(latent_shape), n) for n in text_lens}
+        reset = len(self.text | text) > self.limit or len(self.latent | {tuple(latent_shape)}) > self.limit
+        if reset:
+            drop_compiled()
+            self.text.clear()
+            self.latent.clear()
+        self.text |= text
+        self.latent.add(tuple(latent_shape))
+        return reset
+
+
+class CompilePlan:
+    """Everything compile-related for one set of loaded models, built from the schema's `compile` node: what gets
+    compiled (video-step blocks or the whole step, text pass, the VAE's declared units), the per-step runner and
+    its warm-up, the persistent cache, the shape buckets and their resets, and the counters for metrics.json."""
+
+    def __init__(self, settings: CompileConfig):
+        self.settings = settings
+        self.mode = _mode(settings.mode)
+        self.cache = CompileCache(settings.cache_dir) if settings.cache_dir else None
+        self.buckets = ServedBuckets(settings.recompile_limit)
+        self._at_start: dict = {}
+
+    @classmethod
+    def from_config(cls, node) -> "CompilePlan":
+        """From the composed config's `compile` node (a DictConfig typed by the schema) or a `CompileConfig`."""
+        return cls(node if isinstance(node, CompileConfig) else OmegaConf.to_object(node))
+
+    @property
+    def compiles(self) -> bool:
+        return MODES[self.mode] is not None
+
+    def apply(self, transformer, vae) -> None:
+        apply_compile(transformer, self.settings)
+        apply_compile_vae(vae, self.settings.vae)
+        apply_compile_text(transformer, self.settings.text_pass)
+
+    def step_runner(self, step, warmup: int):
+        """The denoise loop's per-step call for a job with `warmup` steps before the steady state."""
+        return make_step_runner(self.mode, step, warmup)
+
+    def start_job(self) -> None:
+        self._at_start = compile_counters()
+
+    def finish_job(self, recompiles: int, save_cache: bool = True) -> dict:
+        """This job's compile counters (metrics.json `compile`). When it compiled something new, the process
+        that writes (`save_cache`; one per job, so ranks never race on the file) saves the cache artifacts."""
+        counted = {k: v - self._at_start.get(k, 0) for k, v in compile_counters().items()}
+        if save_cache and self.cache is not None and counted["unique_graphs"]:
+            self.cache.save()
+        return {**counted, "recompiles": recompiles, "mode": self.mode, "scope": _mode(self.settings.scope),
+                "warm_cache": bool(self.cache and self.cache.loaded)}
 
 
 class CompileCache:
@@ -205,9 +279,6 @@ class CompileCache:
     portable cache artifacts (`torch.compiler.save_cache_artifacts` / `load_cache_artifacts`)."""
 
     def __init__(self, cache_dir: str):
-        import os
-        from pathlib import Path
-
         self.dir = Path(cache_dir).expanduser()
         self.dir.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.dir / "inductor")
@@ -221,6 +292,6 @@ class CompileCache:
     def save(self) -> None:
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
-            tmp = self.artifacts.with_suffix(".partial")
+            tmp = self.artifacts.with_suffix(f".partial.{os.getpid()}")
             tmp.write_bytes(saved[0])
             tmp.replace(self.artifacts)

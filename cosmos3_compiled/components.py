@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from .checkpoint import build_random, load_transformer, save_transformer
 from .checkpoint_io import CheckpointError, read_json, weight_files
 from .config import TransformerConfig, preset
 from .prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
-from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler
+from .scheduler import COSMOS3_SCHEDULER_CONFIG
 from .vae import VAEConfig, WanVAE, build_vae, load_vae, wan22_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -53,7 +54,7 @@ def init_vae_random_(vae: WanVAE, seed: int) -> WanVAE:
 
 def build_embedded(name: str, seed: int, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
                    offload_text_tower: bool = False):
-    """The embedded default: seeded random transformer and VAE, built-in tokenizer, Cosmos3 scheduler.
+    """The embedded default: seeded random transformer and VAE, built-in tokenizer.
 
     `debug` sizes get a tiny VAE (drawn on the CPU, so every machine gets the same weights); other
     presets get the real Wan2.2 VAE widths, drawn on `device`.
@@ -63,10 +64,20 @@ def build_embedded(name: str, seed: int, device: torch.device, dtype: torch.dtyp
     full = not name.startswith("debug")
     vae = build_vae(VAEConfig.from_dict(embedded_vae_config(cfg.latent_channel, full)), device=device if full else "cpu")
     init_vae_random_(vae, seed + 1).to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
-    return transformer, vae, FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG), PromptTokenizer.builtin()
+    return transformer, vae, PromptTokenizer.builtin()
 
 
-def check_checkpoint_folder(folder: str | Path) -> TransformerConfig:
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """An official checkpoint folder, checked and with each component's config parsed once."""
+
+    folder: Path
+    transformer: TransformerConfig
+    vae: VAEConfig
+    scheduler: dict  # scheduler_config.json as read
+
+
+def read_checkpoint(folder: str | Path) -> CheckpointSpec:
     """Cheap checks before anything heavy: subfolders, configs, shards and safetensors headers."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -79,19 +90,18 @@ def check_checkpoint_folder(folder: str | Path) -> TransformerConfig:
     vae_cfg = VAEConfig.from_dict(read_json(folder / "vae" / "config.json"), where=str(folder / "vae" / "config.json"))
     weight_files(folder / "vae")
     cfg.check_vae(vae_cfg.z_dim)
-    read_json(folder / "scheduler" / "scheduler_config.json")
-    return cfg
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    return CheckpointSpec(folder.resolve(), cfg, vae_cfg, scheduler)
 
 
-def load_checkpoint(folder: str | Path, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
                     with_encoder: bool, offload_text_tower: bool = False):
-    folder = Path(folder)
-    transformer = load_transformer(folder / "transformer", dtype=dtype, device=device,
-                                   offload_text_tower=offload_text_tower)
-    vae = load_vae(folder / "vae", dtype=vae_dtype, device=device, with_encoder=with_encoder)
-    scheduler = FlowUniPCScheduler.from_folder(folder / "scheduler")
-    tokenizer = PromptTokenizer.from_folder(folder / "text_tokenizer")
-    return transformer, vae, scheduler, tokenizer
+    """Transformer, VAE and tokenizer of a checked checkpoint (the scheduler is built from `spec.scheduler`)."""
+    transformer = load_transformer(spec.folder / "transformer", dtype=dtype, device=device,
+                                   offload_text_tower=offload_text_tower, cfg=spec.transformer)
+    vae = load_vae(spec.folder / "vae", dtype=vae_dtype, device=device, with_encoder=with_encoder, cfg=spec.vae)
+    tokenizer = PromptTokenizer.from_folder(spec.folder / "text_tokenizer")
+    return transformer, vae, tokenizer
 
 
 def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0) -> Path:

@@ -16,8 +16,6 @@ one token all-gather at the end of the video step (Ulysses) and one velocity all
 
 from __future__ import annotations
 
-from .errors import RequestError
-
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from einops import rearrange
+
+from . import ops
+from .errors import RequestError
 
 RUN_STAMP_KEY = "cosmos3/run_stamp"
 
@@ -152,7 +153,8 @@ class Ulysses:
     through the layers as queries whose outputs are dropped, but never as keys or values (the K/V buffers
     get exactly the N real tokens), so the real tokens' results do not change.
 
-    The model calls these between its own ops (model.Cosmos3Layer.forward / Cosmos3Transformer.forward).
+    It is the model's token hook (`Cosmos3Transformer.tokens`: shard before the layers, gather after) and,
+    through `UlyssesAttention`, trades token shards for head shards around each attention call.
     """
 
     degree: int
@@ -180,7 +182,7 @@ class Ulysses:
         if self.padded != x.shape[0]:
             x = torch.cat([x, x.new_zeros((self.padded - x.shape[0], *x.shape[1:]))])
         n = self.padded // self.degree
-        return x[self.rank * n : (self.rank + 1) * n]
+        return x[self.rank * n : (self.rank + 1) * n].contiguous()  # RoPE tables come with transposed strides
 
     def shard_heads(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's contiguous block of heads along `dim`."""
@@ -225,6 +227,7 @@ class Parallel:
     cfg_rank: int  # 0 → this rank runs the cond branch, 1 → the uncond branch
     cfg_group: object | None  # the cfg_size ranks holding the same sequence shard (None without CFG parallelism)
     ulysses: Ulysses | None
+    vae_rows: bool = False  # the VAE decode is split by rows over every rank (`apply_row_parallel_decode`)
 
     @property
     def is_writer(self) -> bool:
@@ -234,8 +237,6 @@ class Parallel:
         """One all-gather: this rank's branch velocity → (cond, uncond), identical on every rank."""
         both = all_gather(velocity, self.cfg_group)  # [2, C, T, h, w] from [1, C, T, h, w]
         return both[:1], both[1:]
-
-    vae_rows: bool = False  # the VAE decode is split by rows over every rank (RowParallelDecode)
 
     def describe(self) -> dict:
         return {"world_size": self.world_size, "backend": self.backend, "cfg": self.cfg_size == 2,
@@ -318,107 +319,86 @@ def teardown(par: Parallel | None, barrier: bool = True) -> None:
     """Destroy the process groups (after a barrier, so no rank leaves while another still talks)."""
     if par is None or not dist.is_initialized():
         return
-    if barrier:
-        dist.barrier()
-    dist.destroy_process_group()
+    try:
+        if barrier:
+            try:
+                dist.barrier()
+            except RuntimeError as err:  # e.g. gloo "Connection closed by peer": that rank failed and left
+                raise RuntimeError(
+                    f"rank {par.rank}: another rank left before the end-of-job barrier (it failed; the cause is "
+                    f"in that rank's own log, not here): {err}") from err
+    finally:
+        dist.destroy_process_group()
+
+
+class UlyssesAttention:
+    """An attention path (see `attention.AttentionPath`) run Ulysses-style around `inner`: the video tower's
+    queries, keys and values trade token shards for head shards in one all-to-all, `inner` attends over the
+    whole sequence for this rank's heads, and one all-to-all trades the output back. The K/V buffers hold this
+    rank's Hkv/deg heads for all L + N positions. The text tower runs whole on every rank (it is cheap and
+    replicated), so its attention is `inner`'s, and each rank keeps its own heads of the text keys/values."""
+
+    fuses_prologue = False  # the fused kernel writes local keys into the buffers; here they cross ranks first
+
+    def __init__(self, inner, ulysses: Ulysses):
+        self.inner, self.ulysses = inner, ulysses
+        self.name = f"{inner.name} (ulysses {ulysses.degree})"
+        self.head_major_queries = inner.head_major_queries
+
+    def new_kv_buffer(self, tokens: int, heads: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self.inner.new_kv_buffer(tokens, heads // self.ulysses.degree, dim, device, dtype)
+
+    def new_queries(self, tokens: int, heads: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+        return self.inner.new_queries(tokens, heads, dim, like)
+
+    def text_kv(self, k_buf: torch.Tensor, v_buf: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every kv head's text keys/values ([L, Hkv, D] views of head-major storage), kept in `keep_text_kv`."""
+        full = (k_buf.shape[0] * self.ulysses.degree, text_len, k_buf.shape[2])
+        return (k_buf.new_empty(full).transpose(0, 1), v_buf.new_empty(full).transpose(0, 1))
+
+    def keep_text_kv(self, k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        text_len = k.shape[0]
+        k_buf[:, :text_len] = self.ulysses.shard_heads(k, dim=1).transpose(0, 1)
+        v_buf[:, :text_len] = self.ulysses.shard_heads(v, dim=1).transpose(0, 1)
+
+    def video_step(
+        self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+    ) -> torch.Tensor:
+        """qk [n, Hq+Hkv, D] (normed) and v [n, Hkv, D] of this rank's n = ⌈N/deg⌉ tokens → [n, Hq·D]."""
+        hq = qk.shape[1] - k_buf.shape[0] * self.ulysses.degree
+        q = ops.apply_rope(qk[:, :hq], cos, sin)  # [n, Hq, D]
+        k = ops.apply_rope(qk[:, hq:], cos, sin)  # [n, Hkv, D]
+        q, k, v = self.ulysses.scatter_heads(q, k, v)  # [N_pad, Hq/deg, D], [N, Hkv/deg, D] ×2
+        start = k_buf.shape[1] - k.shape[0]
+        k_buf[:, start:] = k.transpose(0, 1)
+        v_buf[:, start:] = v.transpose(0, 1)
+        return self.ulysses.gather_heads(self.inner(q.transpose(0, 1), k_buf, v_buf, False))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        return self.inner(q, k, v, causal)
 
 
 def apply_sequence_parallel(model, ulysses: Ulysses | None) -> None:
-    """Give the transformer (and each layer's attention path) the Ulysses object; None restores one device."""
-    if ulysses is not None:
-        ulysses.check_heads(model.cfg.num_key_value_heads)
-    model.sequence_parallel = ulysses
-    for layer in model.layers:
-        layer.sequence_parallel = ulysses
+    """Wrap the model's attention path in `UlyssesAttention` and make `ulysses` its token hook; None restores
+    one device. Call it after `set_attention_backend` and before `setup_branch` (it sets the buffer heads)."""
+    path = getattr(model.attention, "inner", model.attention)
+    if ulysses is None:
+        model.set_attention(path)
+        model.tokens = model.local_tokens
+        return
+    ulysses.check_heads(model.cfg.num_key_value_heads)
+    model.set_attention(UlyssesAttention(path, ulysses))
+    model.tokens = ulysses
 
 
 # ---- height-parallel VAE decode ---------------------------------------------------------------------
 
 
-def tail_halo(decoder) -> int:
-    """Rows of halo (at the decoder tail's input resolution) that make a row block's tail output exact.
-
-    A zero-padded conv at a block edge corrupts `pad` more rows inward per layer, an upsample doubles the
-    corrupted depth; the causal histories carry the same per-layer depth from frame to frame (a layer's
-    history is its input, which is no deeper), so the bound holds over every frame.
-    """
-    depth, scale = 0, 1
-    # The tail opens with the split block's spatial upsampling (its resnets ran in the head, see Decoder.head)
-    first = decoder.tail_start if decoder.split is None else decoder.split
-    for i in range(first, len(decoder.up_blocks)):
-        block = decoder.up_blocks[i]
-        for resnet in block.resnets if i >= decoder.tail_start else ():
-            depth += resnet.conv1.spatial_pad[1] + resnet.conv2.spatial_pad[1]
-        if block.upsampler is not None:
-            depth, scale = 2 * (depth + 1), 2 * scale  # nearest ×2, then its 3×3 conv (or the 2×2 sub-pixel conv)
-    depth += decoder.conv_out.spatial_pad[1]
-    return -(-depth // scale)
-
-
-class RowParallelDecode:
-    """Height-parallel VAE decode over `world` ranks, wrapped around WanVAE's compilable units (vae.py is
-    left as it is): every rank runs latent frame 0 and the decoder *head* of each later frame in full (low
-    resolution; it holds the mid block's frame-global attention), then only its block of rows, plus a halo
-    of `tail_halo` rows, through the full-resolution *tail*, one output frame at a time; one all-gather per
-    output frame reassembles the rows on every rank. The tail's causal histories start from the full first
-    chunk's, sliced to the block, so the result is the single-device decode (same ops on the same values).
-
-    Needs `vae.frame_tail` (the default); without it the decode runs unsplit.
-    """
-
-    def __init__(self, vae, rank: int, world: int, group) -> None:
-        self.vae, self.rank, self.world, self.group = vae, rank, world, group
-        self.halo = tail_halo(vae.decoder)
-        self.first_unit, self.tail_unit = vae.decoder_first_chunk, vae.decoder_tail  # compiled or not
-        self.hist: list[torch.Tensor] = []
-        self.rows0 = 0  # tail-input rows of a full frame
-        vae.decoder_first_chunk = self.first_chunk
-        vae.decoder_tail = self.tail
-
-    def block(self) -> tuple[int, int, int, int, int]:
-        """(rows per rank, core start, core end, halo'd start, halo'd end) at the tail's input resolution."""
-        per = -(-self.rows0 // self.world)
-        a = min(self.rows0, self.rank * per)
-        b = min(self.rows0, a + per)
-        return per, a, b, max(0, a - self.halo), min(self.rows0, b + self.halo)
-
-    def first_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        y, hist = self.first_unit(x)
-        if not self.vae.frame_tail:
-            return y, hist
-        k = self.vae.decoder.head_histories
-        self.rows0 = x.shape[3] * self.vae.decoder.tail_input_scale()  # rows of a full frame at the tail's input
-        _, _, _, lo, hi = self.block()
-        fmt = self.vae.memory_format
-        self.hist = []
-        for h in hist[k:]:
-            s = h.shape[3] // self.rows0
-            self.hist.append(h[:, :, :, lo * s : hi * s].clone(memory_format=fmt))
-        # the full-frame tail histories are not read again (`tail` keeps its own): free them
-        return y, [*hist[:k], *(h.new_empty(0) for h in hist[k:])]
-
-    def tail(
-        self, x: torch.Tensor, src: torch.Tensor | None, sub: int, hist: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One frame of head features [B, C, 1, H0, W0] (and the shortcut input `src` at the same rows) →
-        the full frame's patches, computed 1/world here."""
-        per, a, b, lo, hi = self.block()
-        fmt = self.vae.memory_format
-        xs = x[:, :, :, lo:hi].contiguous(memory_format=fmt)
-        if src is not None:
-            src = src[:, :, :, lo:hi].contiguous(memory_format=fmt)
-        y, _ = self.tail_unit(xs, src, sub, self.hist)  # [B, 12, 1, (hi - lo)·r, W]
-        r = y.shape[3] // (hi - lo)
-        core = y[:, :, :, (a - lo) * r : (b - lo) * r]
-        if b - a < per:  # the last block may be short: pad so every rank sends the same size
-            core = torch.nn.functional.pad(core, (0, 0, 0, (per - (b - a)) * r))
-        rows = all_gather(core.movedim(3, 0), self.group)  # [world·per·r, B, 12, 1, W]
-        return rows.movedim(0, 3)[:, :, :, : self.rows0 * r], []
-
-
-def apply_row_parallel_decode(vae, par: Parallel) -> RowParallelDecode | None:
-    """Split the VAE decode by rows over every rank of the job (after `apply_compile_vae`)."""
+def apply_row_parallel_decode(vae, par: Parallel):
+    """Split the VAE decode by rows over every rank of the job (see `WanVAE.setup_row_parallel`): returns its
+    `RowSplit`, or None when there is one rank. Any order with `apply_compile_vae`: the split calls the units."""
     if par is None or par.world_size < 2:
         return None
     par.vae_rows = True
-    return RowParallelDecode(vae, par.rank, par.world_size, dist.group.WORLD)
+    return vae.setup_row_parallel(par.rank, par.world_size, lambda x: all_gather(x, dist.group.WORLD))

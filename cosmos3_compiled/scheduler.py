@@ -1,78 +1,53 @@
-"""FlowUniPC: UniPC multistep sampling for flow-prediction models, driven by ``scheduler_config.json``.
+"""FlowUniPC: diffusers 0.42.1 ``UniPCMultistepScheduler`` for flow prediction, organised for graph capture.
 
-Numerically this follows diffusers 0.42.1 ``UniPCMultistepScheduler`` with ``prediction_type =
-"flow_prediction"``, ``use_flow_sigmas = True`` and ``predict_x0 = True`` (UniP predictor + UniC
-corrector, B(h) variants ``bh1``/``bh2``), but it is organised for graph capture:
+Supported: ``prediction_type="flow_prediction"``, ``use_flow_sigmas``, ``predict_x0`` (UniP predictor +
+UniC corrector, ``bh1``/``bh2``), Karras or shifted flow sigmas, computed exactly as diffusers does.
 
-* Everything UniPC computes from the noise levels alone (ratios of sigmas, ``expm1`` of log-SNR
-  steps, the ``rho`` weights of the predictor and corrector, which order each step uses, which steps
-  correct) is folded on the CPU, at ``set_timesteps`` time, into one row of scalar coefficients per
-  step (layout in :func:`unipc_step_`). diffusers evaluates the same scalars with fp32 tensor ops;
-  we evaluate them with the same fp32 ops and only combine the products in float64 before rounding
-  each coefficient to fp32 once.
-* A step is then a fixed linear combination of the current sample, the current prediction of x0,
-  the x0 predictions of the previous ``solver_order`` steps and the sample the previous predictor
-  started from. Steps of lower order (warm-up, the final step) simply carry zero coefficients, so
-  :func:`unipc_step_` has no branch on data or step index and no host sync: it can run inside
-  ``torch.compile(fullgraph=True)`` and a CUDA graph. The history lives in static buffers made by
-  :meth:`FlowUniPCScheduler.setup_buffers` and is updated in place.
+:class:`FlowUniPCScheduler` holds only the validated config, so one instance can serve every request
+and nothing a request does leaks into the next. :meth:`FlowUniPCScheduler.prepare` returns a
+:class:`UniPCRun` per request: schedule, coefficient table and static device buffers.
 
-Noise schedules (``set_timesteps``), matching diffusers exactly:
+Everything UniPC derives from the noise levels alone (sigma ratios, ``expm1`` of log-SNR steps, the
+``rho`` weights, the order of each step, which steps correct) is folded on the CPU into one row of
+scalars per step, so that a step (:func:`unipc_step_`) is a fixed linear combination with no branch
+on data or step index and no host sync: it compiles with ``fullgraph=True`` and replays in a CUDA
+graph. Warm-up and final lower-order steps just carry zero coefficients. The scalars use the same
+fp32 tensor ops as diffusers and only their products are combined in float64 (one rounding to fp32),
+which keeps every step within fp32 rounding of diffusers.
 
-* Karras flow sigmas (``use_karras_sigmas: true``): ``s_i = (hi^(1/7) + i/(n-1) * (lo^(1/7) -
-  hi^(1/7)))^7`` with ``lo = sigma_min``, ``hi = sigma_max`` (float64), mapped to flow sigmas
-  ``s / (1 + s)``. ``flow_shift`` is ignored here, as in diffusers.
-* Shifted flow sigmas (``use_karras_sigmas: false``): ``s = linspace(1, 1/N, n+1)[:-1]`` (or the
-  caller's explicit sigmas), ``s' = shift*s / (1 + (shift-1)*s)``, optionally stretched to
-  ``shift_terminal``; a first sigma within 1e-6 of 1 is lowered by 1e-6 so that log(1 - sigma)
-  stays finite.
-* ``timesteps = trunc(sigma * num_train_timesteps)`` as int64 (n values); ``sigmas`` gets a final
-  entry of 0 (``final_sigmas_type: zero``) or a repeat of the last sigma (``sigma_min``), as fp32.
+Published Cosmos3 checkpoints use Karras flow sigmas (:data:`COSMOS3_SCHEDULER_CONFIG`, values from
+shared/COSMOS3.md §5); sglang shifts flow sigmas by 10. :func:`merge_schedule_overrides` picks either.
 
-Published Cosmos3 checkpoints (``scheduler/scheduler_config.json``) use UniPCMultistepScheduler with
-``prediction_type: flow_prediction``, ``use_flow_sigmas: true``, ``use_karras_sigmas: true``,
-``sigma_max: 200``, ``sigma_min: 0.147``, ``solver_order: 2``, ``solver_type: bh2``,
-``predict_x0: true``, ``lower_order_final: true``, ``disable_corrector: []``,
-``final_sigmas_type: zero``, ``num_train_timesteps: 1000`` (see :data:`COSMOS3_SCHEDULER_CONFIG`;
-the values are those recorded in shared/COSMOS3.md §5 and not re-checked against the hub here).
-For 35 steps this gives timesteps 995 ... 128. sglang instead runs flow sigmas shifted by 10
-(``use_karras_sigmas: false, flow_shift: 10``); both are available through the config.
-
-Known differences from diffusers, all outside what the Cosmos3 pipeline exercises:
-
-* diffusers locates the first step by looking ``timesteps[0]`` up in the schedule and, when that
-  value occurs twice (shift-10 flow sigmas with more than 100 steps), starts at index 1 and later
-  fails with an index error. We always start at step 0.
-* Explicit ``sigmas`` are read as float64.
-* Keys this scheduler does not know are ignored, as diffusers ignores them (legacy files carry keys
-  such as ``clip_sample`` or ``skip_prk_steps``); they are listed in ``FlowUniPCConfig.ignored_keys``.
+Known difference from diffusers, outside what the pipeline exercises: when ``timesteps[0]`` occurs
+twice (shift-10 flow sigmas, more than 100 steps) diffusers starts at index 1 and later fails; we
+always start at step 0. Unknown config keys are ignored, as diffusers ignores them.
 """
 
 from __future__ import annotations
 
-from .errors import RequestError
-
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import RequestError
 
 __all__ = [
     "COSMOS3_SCHEDULER_CONFIG",
     "FlowUniPCConfig",
     "FlowUniPCScheduler",
     "SchedulerConfigError",
+    "UniPCRun",
+    "build_coefficients",
+    "build_schedule",
     "coefficient_row_size",
+    "merge_schedule_overrides",
     "unipc_step_",
 ]
 
-
 SchedulerConfigError = RequestError  # the one user-error type (errors.py)
-
 
 # The published Cosmos3 scheduler settings (shared/COSMOS3.md §5), for tests and tools.
 COSMOS3_SCHEDULER_CONFIG: dict = {
@@ -92,8 +67,7 @@ COSMOS3_SCHEDULER_CONFIG: dict = {
     "timestep_spacing": "linspace",
 }
 
-# diffusers' defaults for every UniPCMultistepScheduler argument: a key missing from a config file
-# means this value, exactly as when diffusers builds the scheduler from that file.
+# A key missing from a config file means diffusers' default, exactly as when diffusers loads it.
 _DIFFUSERS_DEFAULTS: dict = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -126,13 +100,28 @@ _DIFFUSERS_DEFAULTS: dict = {
     "shift_terminal": None,
 }
 
-# diffusers accepts these legacy solver names and runs them as bh2.
-_BH2_ALIASES = ("midpoint", "heun", "logrho")
+_BH2_ALIASES = ("midpoint", "heun", "logrho")  # legacy names diffusers runs as bh2
 _KARRAS_RHO = 7.0
-_FIRST_SIGMA_EPS = 1e-6
+_FIRST_SIGMA_EPS = 1e-6  # keeps log(1 - sigma) finite at the first level
+# sampler.schedule=karras on a checkpoint without a Karras range gets the published Cosmos3 one.
+_KARRAS_DEFAULT_RANGE = {"sigma_max": 200.0, "sigma_min": 0.147}
 
 
-def _fail(key: str, value, expected: str) -> None:
+def merge_schedule_overrides(raw: Mapping, schedule: str, flow_shift: float) -> dict:
+    """``raw`` with the ``sampler.schedule`` choice applied: ``checkpoint`` | ``karras`` | ``shift``."""
+    raw = dict(raw)
+    if schedule == "karras":
+        raw["use_karras_sigmas"] = True
+        for key, value in _KARRAS_DEFAULT_RANGE.items():
+            raw.setdefault(key, value)
+    elif schedule == "shift":
+        raw.update(use_karras_sigmas=False, flow_shift=float(flow_shift))
+    elif schedule != "checkpoint":
+        raise SchedulerConfigError(f"sampler.schedule={schedule!r}; expected checkpoint, karras or shift.")
+    return raw
+
+
+def _fail(key: str, value, expected: str):
     raise SchedulerConfigError(
         f"scheduler config: {key}={value!r} is not supported by FlowUniPCScheduler; expected {expected}."
     )
@@ -149,6 +138,12 @@ def _as_float(key: str, value, *, positive: bool = True) -> float:
 def _as_bool(key: str, value) -> bool:
     if not isinstance(value, bool):
         _fail(key, value, "true or false")
+    return value
+
+
+def _as_count(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(key, value, "an integer >= 1")
     return value
 
 
@@ -175,7 +170,6 @@ class FlowUniPCConfig:
     beta_start: float
     beta_end: float
     trained_betas: tuple[float, ...] | None
-    ignored_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, config: Mapping) -> FlowUniPCConfig:
@@ -187,22 +181,14 @@ class FlowUniPCConfig:
                 f"scheduler config: _class_name={class_name!r}; FlowUniPCScheduler only runs "
                 "UniPCMultistepScheduler configs."
             )
-        c = dict(_DIFFUSERS_DEFAULTS)
-        ignored = []
-        for key, value in config.items():
-            if key.startswith("_"):
-                continue
-            if key in c:
-                c[key] = value
-            else:
-                ignored.append(key)
+        c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
 
         if c["prediction_type"] != "flow_prediction":
             _fail("prediction_type", c["prediction_type"], "'flow_prediction'")
-        if _as_bool("use_flow_sigmas", c["use_flow_sigmas"]) is not True:
-            _fail("use_flow_sigmas", c["use_flow_sigmas"], "true (flow-matching noise levels)")
-        if _as_bool("predict_x0", c["predict_x0"]) is not True:
-            _fail("predict_x0", c["predict_x0"], "true (diffusers has no flow_prediction solver without it)")
+        if not _as_bool("use_flow_sigmas", c["use_flow_sigmas"]):
+            _fail("use_flow_sigmas", False, "true (flow-matching noise levels)")
+        if not _as_bool("predict_x0", c["predict_x0"]):
+            _fail("predict_x0", False, "true (diffusers has no flow_prediction solver without it)")
         if _as_bool("thresholding", c["thresholding"]):
             _fail("thresholding", True, "false (dynamic thresholding needs a data-dependent quantile)")
         if c["solver_p"] is not None:
@@ -215,18 +201,11 @@ class FlowUniPCConfig:
         if c["timestep_spacing"] not in ("linspace", "leading", "trailing"):
             _fail("timestep_spacing", c["timestep_spacing"], "'linspace', 'leading' or 'trailing'")
 
-        solver_type = c["solver_type"]
-        if solver_type in _BH2_ALIASES:
-            solver_type = "bh2"
+        solver_type = "bh2" if c["solver_type"] in _BH2_ALIASES else c["solver_type"]
         if solver_type not in ("bh1", "bh2"):
             _fail("solver_type", solver_type, "'bh1' or 'bh2'")
-
-        order = c["solver_order"]
-        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-            _fail("solver_order", order, "an integer >= 1")
-        steps = c["num_train_timesteps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            _fail("num_train_timesteps", steps, "an integer >= 1")
+        order = _as_count("solver_order", c["solver_order"])
+        steps = _as_count("num_train_timesteps", c["num_train_timesteps"])
 
         final = c["final_sigmas_type"]
         if final not in ("zero", "sigma_min"):
@@ -240,13 +219,10 @@ class FlowUniPCConfig:
             )
 
         disable = c["disable_corrector"]
-        if not isinstance(disable, (list, tuple)) or any(
-            isinstance(i, bool) or not isinstance(i, int) for i in disable
-        ):
+        if not isinstance(disable, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in disable):
             _fail("disable_corrector", disable, "a list of step indices")
 
         karras = _as_bool("use_karras_sigmas", c["use_karras_sigmas"])
-        flow_shift = _as_float("flow_shift", c["flow_shift"])
         shift_terminal = c["shift_terminal"]
         if shift_terminal is not None:
             shift_terminal = _as_float("shift_terminal", shift_terminal, positive=False)
@@ -263,9 +239,7 @@ class FlowUniPCConfig:
             if _as_bool("rescale_betas_zero_snr", c["rescale_betas_zero_snr"]):
                 _fail("rescale_betas_zero_snr", True, "false, or set sigma_min and sigma_max")
             if c["beta_schedule"] not in ("linear", "scaled_linear"):
-                _fail(
-                    "beta_schedule", c["beta_schedule"], "'linear' or 'scaled_linear', or set sigma_min and sigma_max"
-                )
+                _fail("beta_schedule", c["beta_schedule"], "'linear' or 'scaled_linear', or set sigma_min and sigma_max")
 
         return cls(
             num_train_timesteps=steps,
@@ -274,7 +248,7 @@ class FlowUniPCConfig:
             lower_order_final=lower_order_final,
             disable_corrector=tuple(disable),
             use_karras_sigmas=karras,
-            flow_shift=flow_shift,
+            flow_shift=_as_float("flow_shift", c["flow_shift"]),
             shift_terminal=shift_terminal,
             final_sigmas_type=final,
             sigma_min=sigma_min,
@@ -283,7 +257,6 @@ class FlowUniPCConfig:
             beta_start=float(c["beta_start"]),
             beta_end=float(c["beta_end"]),
             trained_betas=None if trained is None else tuple(float(b) for b in trained),
-            ignored_keys=tuple(ignored),
         )
 
 
@@ -305,25 +278,20 @@ def _vp_sigma_range(cfg: FlowUniPCConfig) -> tuple[float, float]:
     return float(vp[0]), float(vp[-1])
 
 
-def _karras_flow_sigmas(cfg: FlowUniPCConfig, n: int, explicit: np.ndarray | None) -> np.ndarray:
+def _karras_flow_sigmas(cfg: FlowUniPCConfig, n: int) -> np.ndarray:
     lo, hi = cfg.sigma_min, cfg.sigma_max
     if lo is None or hi is None:
-        # diffusers reads the missing ends from the reversed input sigmas: with explicit (descending)
-        # sigmas that is their first value for sigma_min and their last for sigma_max.
-        if explicit is not None:
-            first, last = float(explicit[0]), float(explicit[-1])
-        else:
-            first, last = _vp_sigma_range(cfg)
-        lo = first if lo is None else lo
-        hi = last if hi is None else hi
+        vp_lo, vp_hi = _vp_sigma_range(cfg)
+        lo = vp_lo if lo is None else lo
+        hi = vp_hi if hi is None else hi
     ramp = np.linspace(0.0, 1.0, n)
     lo_root, hi_root = lo ** (1.0 / _KARRAS_RHO), hi ** (1.0 / _KARRAS_RHO)
     karras = (hi_root + ramp * (lo_root - hi_root)) ** _KARRAS_RHO
-    return karras / (karras + 1.0)
+    return karras / (karras + 1.0)  # VP sigma -> flow sigma; flow_shift does not apply, as in diffusers
 
 
-def _shifted_flow_sigmas(cfg: FlowUniPCConfig, n: int, explicit: np.ndarray | None) -> np.ndarray:
-    base = explicit if explicit is not None else np.linspace(1.0, 1.0 / cfg.num_train_timesteps, n + 1)[:-1]
+def _shifted_flow_sigmas(cfg: FlowUniPCConfig, n: int) -> np.ndarray:
+    base = np.linspace(1.0, 1.0 / cfg.num_train_timesteps, n + 1)[:-1]
     shift = cfg.flow_shift
     sigmas = shift * base / (1.0 + (shift - 1.0) * base)
     if cfg.shift_terminal:
@@ -336,26 +304,15 @@ def _shifted_flow_sigmas(cfg: FlowUniPCConfig, n: int, explicit: np.ndarray | No
     return sigmas
 
 
-def build_schedule(
-    cfg: FlowUniPCConfig, num_inference_steps: int | None, sigmas: Sequence[float] | np.ndarray | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def build_schedule(cfg: FlowUniPCConfig, num_inference_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(timesteps [n] int64, sigmas [n+1] fp32)`` on the CPU, as diffusers' ``set_timesteps``."""
-    explicit = None
-    if sigmas is not None:
-        explicit = np.array(sigmas, dtype=np.float64).reshape(-1)
-        if explicit.size == 0:
-            raise ValueError("set_timesteps: explicit sigmas are empty.")
-        num_inference_steps = explicit.size
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"set_timesteps: num_inference_steps={num_inference_steps!r}; expected an integer >= 1.")
-    if cfg.use_karras_sigmas:
-        levels = _karras_flow_sigmas(cfg, num_inference_steps, explicit)
-    else:
-        levels = _shifted_flow_sigmas(cfg, num_inference_steps, explicit)
+    n = num_inference_steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_inference_steps={n!r}; expected an integer >= 1.")
+    levels = _karras_flow_sigmas(cfg, n) if cfg.use_karras_sigmas else _shifted_flow_sigmas(cfg, n)
     timesteps = torch.from_numpy(levels * cfg.num_train_timesteps).to(torch.int64)  # truncation
     last = levels[-1] if cfg.final_sigmas_type == "sigma_min" else 0.0
-    table = np.concatenate([levels, [last]]).astype(np.float32)
-    return timesteps, torch.from_numpy(table)
+    return timesteps, torch.from_numpy(np.concatenate([levels, [last]]).astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,32 +324,26 @@ def coefficient_row_size(solver_order: int) -> int:
     return 6 + 2 * solver_order
 
 
-class _LevelScalars:
-    """Per-level fp32 scalars evaluated with the same tensor ops diffusers uses."""
-
-    def __init__(self, sigmas: torch.Tensor):
-        self.sigmas = sigmas  # fp32 [n+1]
-
-    def alpha(self, i: int) -> torch.Tensor:
-        return 1 - self.sigmas[i]
-
-    def lam(self, i: int) -> torch.Tensor:
-        # log-SNR of a flow level: log(alpha) - log(sigma); +inf at sigma = 0.
-        return torch.log(1 - self.sigmas[i]) - torch.log(self.sigmas[i])
+# Per-level scalars as 0-dim fp32 tensor ops, one level at a time like diffusers: a vectorised log
+# over all levels may round differently.
+def _alpha(sigmas: torch.Tensor, i: int) -> torch.Tensor:
+    return 1 - sigmas[i]
 
 
-def _bh_terms(
-    levels: _LevelScalars, target: int, source: int, older: list[int], solver_type: str
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def _lam(sigmas: torch.Tensor, i: int) -> torch.Tensor:
+    return torch.log(1 - sigmas[i]) - torch.log(sigmas[i])  # log-SNR; +inf at sigma = 0
+
+
+def _bh_terms(sigmas: torch.Tensor, target: int, source: int, older: list[int], solver_type: str):
     """Scalars of one UniPC B(h) update from level ``source`` to level ``target``.
 
     Returns ``h_phi_1``, ``B_h``, the ratios ``r_k`` of the older levels (without the trailing 1),
     and the rows ``R`` (powers of [r_1 .. r_{p-1}, 1]) and right-hand side ``b`` of the order
     conditions, each an fp32 tensor.
     """
-    lam_s0 = levels.lam(source)
-    h = levels.lam(target) - lam_s0
-    ratios = [(levels.lam(j) - lam_s0) / h for j in older]
+    lam_s0 = _lam(sigmas, source)
+    h = _lam(sigmas, target) - lam_s0
+    ratios = [(_lam(sigmas, j) - lam_s0) / h for j in older]
     nodes = torch.stack(ratios + [torch.ones((), dtype=torch.float32)])
     hh = -h  # data (x0) prediction
     h_phi_1 = torch.expm1(hh)
@@ -408,20 +359,12 @@ def _bh_terms(
     return h_phi_1, b_h, ratios, rows, rhs
 
 
-def _step_orders(cfg: FlowUniPCConfig, n: int) -> list[int]:
-    orders = []
-    for i in range(n):
-        cap = min(cfg.solver_order, n - i) if cfg.lower_order_final else cfg.solver_order
-        orders.append(min(cap, i + 1))  # warm-up: one more previous x0 per step
-    return orders
-
-
 def build_coefficients(cfg: FlowUniPCConfig, sigmas: torch.Tensor) -> torch.Tensor:
     """The ``[n, coefficient_row_size(solver_order)]`` fp32 table consumed by :func:`unipc_step_`."""
     n = sigmas.numel() - 1
     hist = cfg.solver_order
-    levels = _LevelScalars(sigmas)
-    orders = _step_orders(cfg, n)
+    cap = [min(hist, n - i) if cfg.lower_order_final else hist for i in range(n)]
+    orders = [min(cap[i], i + 1) for i in range(n)]  # warm-up: one more previous x0 per step
     table = np.zeros((n, coefficient_row_size(hist)), dtype=np.float64)
     p_base = 4 + hist  # start of the predictor block
     for i in range(n):
@@ -433,12 +376,9 @@ def build_coefficients(cfg: FlowUniPCConfig, sigmas: torch.Tensor) -> torch.Tens
         if i > 0 and (i - 1) not in cfg.disable_corrector:
             order = orders[i - 1]
             older = [i - 1 - k for k in range(1, order)]  # levels of history slots 1 .. order-1
-            h_phi_1, b_h, ratios, rows, rhs = _bh_terms(levels, i, i - 1, older, cfg.solver_type)
-            if order == 1:
-                rhos = [0.5]
-            else:
-                rhos = torch.linalg.solve(torch.stack(rows), torch.stack(rhs)).tolist()
-            alpha_t = float(levels.alpha(i))
+            h_phi_1, b_h, ratios, rows, rhs = _bh_terms(sigmas, i, i - 1, older, cfg.solver_type)
+            rhos = [0.5] if order == 1 else torch.linalg.solve(torch.stack(rows), torch.stack(rhs)).tolist()
+            alpha_t = float(_alpha(sigmas, i))
             scale = alpha_t * float(b_h)
             row[1] = float(sigmas[i]) / float(sigmas[i - 1])
             row[3] = -scale * rhos[-1]
@@ -454,8 +394,8 @@ def build_coefficients(cfg: FlowUniPCConfig, sigmas: torch.Tensor) -> torch.Tens
         # Predictor (UniP): from the (corrected) sample at level i to level i+1.
         order = orders[i]
         older = [i - k for k in range(1, order)]  # x0 of level i-k sits in history slot k-1
-        h_phi_1, b_h, ratios, rows, rhs = _bh_terms(levels, i + 1, i, older, cfg.solver_type)
-        alpha_t = float(levels.alpha(i + 1))
+        h_phi_1, b_h, ratios, rows, rhs = _bh_terms(sigmas, i + 1, i, older, cfg.solver_type)
+        alpha_t = float(_alpha(sigmas, i + 1))
         row[p_base] = float(sigmas[i + 1]) / float(sigmas[i])
         m0 = -alpha_t * float(h_phi_1)
         if order > 1:
@@ -498,7 +438,7 @@ def unipc_step_(
 
     then ``last_sample = xc``, history shifts by one slot with ``history[0] = x0``, and
     ``sample = out`` is returned. Lower-order steps carry zeros, so buffers must hold finite values
-    (``setup_buffers`` zero-fills them). No branch depends on data or on the step index.
+    (``prepare`` zero-fills them).
     """
     k = history.shape[0]
     p = 4 + k
@@ -517,114 +457,66 @@ def unipc_step_(
     return sample
 
 
+@dataclasses.dataclass(eq=False)
+class UniPCRun:
+    """One request's sampling state. For graph capture, call ``load_(i)`` outside the graph and
+    capture ``step_``: its inputs are the static buffers ``coeffs``, ``history``, ``last_sample``."""
+
+    timesteps: torch.Tensor  # [n] int64, CPU
+    sigmas: torch.Tensor  # [n+1] fp32, CPU
+    coefficients: torch.Tensor  # [n, row] fp32, CPU
+    coeffs: torch.Tensor  # [row] fp32, device: the row of the current step
+    history: torch.Tensor  # [K, *shape], device
+    last_sample: torch.Tensor  # [*shape], device
+    device_coefficients: torch.Tensor  # the table on the device, so load_ never waits on the host
+    index: int = 0  # next step of the convenience ``step``
+
+    def load_(self, i: int) -> torch.Tensor:
+        """Copy row ``i`` into ``coeffs`` (device to device: no host sync)."""
+        n = self.coefficients.shape[0]
+        if not 0 <= i < n:
+            raise IndexError(f"step index {i} is outside the {n}-step schedule.")
+        return self.coeffs.copy_(self.device_coefficients[i])
+
+    def step_(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Advance ``sample`` in place by the step whose row is loaded; traceable, no host sync."""
+        return unipc_step_(self.coeffs, velocity, sample, self.history, self.last_sample)
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Eager convenience: load the next row, step, advance ``index``."""
+        self.load_(self.index)
+        self.step_(velocity, sample)
+        self.index += 1
+        return sample
+
+
+@dataclasses.dataclass(frozen=True)
 class FlowUniPCScheduler:
-    """Stateful driver around :func:`unipc_step_` with diffusers' ``set_timesteps`` semantics.
+    """Immutable: holds only the validated config; :meth:`prepare` makes each request's :class:`UniPCRun`."""
 
-    Usage::
-
-        sched = FlowUniPCScheduler.from_folder(checkpoint / "scheduler")
-        sched.set_timesteps(35)
-        sched.setup_buffers(latents.shape, latents.device)
-        for t in sched.timesteps:
-            v = model(latents, t)
-            sched.step(v, latents)  # latents updated in place
-
-    For graph capture, call ``load_coefficients_(i)`` outside the graph and capture
-    ``unipc_step_(sched.coeff_buffer, v, latents, sched.history, sched.last_sample)``.
-    """
-
-    order = 1  # model evaluations per step, as diffusers reports for UniPC
-
-    def __init__(self, config: FlowUniPCConfig):
-        self.config = config
-        self.timesteps: torch.Tensor | None = None  # [n] int64, CPU
-        self.sigmas: torch.Tensor | None = None  # [n+1] fp32, CPU
-        self.coefficients: torch.Tensor | None = None  # [n, 6+2K] fp32, CPU
-        self.step_index = 0
-        self.coeff_buffer: torch.Tensor | None = None
-        self.history: torch.Tensor | None = None
-        self.last_sample: torch.Tensor | None = None
-        self._device_coefficients: torch.Tensor | None = None
+    config: FlowUniPCConfig
 
     @classmethod
     def from_config(cls, config: Mapping) -> FlowUniPCScheduler:
         return cls(FlowUniPCConfig.from_dict(config))
 
-    @classmethod
-    def from_folder(cls, path: str | Path) -> FlowUniPCScheduler:
-        """Read ``scheduler_config.json`` from ``path``, ``path/scheduler`` or the file ``path`` itself."""
-        path = Path(path)
-        if path.is_file():
-            candidates = [path]
-        else:
-            candidates = [path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"]
-        for candidate in candidates:
-            if candidate.is_file():
-                with open(candidate, encoding="utf-8") as f:
-                    return cls.from_config(json.load(f))
-        raise FileNotFoundError(
-            f"no scheduler config found; looked for {', '.join(str(c) for c in candidates)}."
+    def prepare(
+        self,
+        num_inference_steps: int,
+        sample_shape: Sequence[int],
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+    ) -> UniPCRun:
+        """Schedule and coefficient table (CPU) plus zero-filled static step buffers on ``device``."""
+        timesteps, sigmas = build_schedule(self.config, num_inference_steps)
+        coefficients = build_coefficients(self.config, sigmas)
+        shape = tuple(sample_shape)
+        return UniPCRun(
+            timesteps=timesteps,
+            sigmas=sigmas,
+            coefficients=coefficients,
+            coeffs=torch.zeros(coefficients.shape[1], device=device, dtype=torch.float32),
+            history=torch.zeros((self.config.solver_order, *shape), device=device, dtype=dtype),
+            last_sample=torch.zeros(shape, device=device, dtype=dtype),
+            device_coefficients=coefficients.to(device),
         )
-
-    @property
-    def num_inference_steps(self) -> int | None:
-        return None if self.timesteps is None else self.timesteps.numel()
-
-    def set_timesteps(
-        self, num_inference_steps: int | None = None, sigmas: Sequence[float] | np.ndarray | None = None
-    ) -> None:
-        """Compute timesteps, sigmas and the coefficient table; restart at step 0.
-
-        ``sigmas`` (descending flow levels, no trailing zero) replaces the default levels as in
-        diffusers; with Karras sigmas and both sigma_min / sigma_max set it only fixes the count.
-        """
-        self.timesteps, self.sigmas = build_schedule(self.config, num_inference_steps, sigmas)
-        self.coefficients = build_coefficients(self.config, self.sigmas)
-        self._device_coefficients = None
-        self.reset()
-
-    def setup_buffers(
-        self, shape: Sequence[int], device: torch.device | str, dtype: torch.dtype = torch.float32
-    ) -> None:
-        """Allocate the static history, last-sample and coefficient buffers (zero-filled)."""
-        shape = tuple(shape)
-        self.history = torch.zeros((self.config.solver_order, *shape), device=device, dtype=dtype)
-        self.last_sample = torch.zeros(shape, device=device, dtype=dtype)
-        row = coefficient_row_size(self.config.solver_order)
-        self.coeff_buffer = torch.zeros(row, device=device, dtype=torch.float32)
-        self._device_coefficients = None
-
-    def reset(self) -> None:
-        """Restart at step 0 with empty history (buffers keep their storage)."""
-        self.step_index = 0
-        if self.history is not None:
-            self.history.zero_()
-            self.last_sample.zero_()
-
-    def load_coefficients_(self, step_index: int) -> torch.Tensor:
-        """Copy row ``step_index`` into ``coeff_buffer`` (device to device: no host sync)."""
-        if self.coefficients is None:
-            raise RuntimeError("call set_timesteps(n) before stepping.")
-        if self.coeff_buffer is None:
-            raise RuntimeError("call setup_buffers(shape, device) before stepping.")
-        n = self.coefficients.shape[0]
-        if not 0 <= step_index < n:
-            raise IndexError(f"step index {step_index} is outside the {n}-step schedule; call set_timesteps again.")
-        if self._device_coefficients is None:
-            self._device_coefficients = self.coefficients.to(self.coeff_buffer.device)
-        self.coeff_buffer.copy_(self._device_coefficients[step_index])
-        return self.coeff_buffer
-
-    def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Advance one step: ``sample`` is overwritten with the next-level sample and returned."""
-        if self.history is None:
-            self.setup_buffers(sample.shape, sample.device, sample.dtype)
-        elif self.last_sample.shape != sample.shape or self.last_sample.device != sample.device:
-            raise ValueError(
-                f"sample {tuple(sample.shape)} on {sample.device} does not match the buffers "
-                f"{tuple(self.last_sample.shape)} on {self.last_sample.device}; call setup_buffers again."
-            )
-        self.load_coefficients_(self.step_index)
-        unipc_step_(self.coeff_buffer, model_output, sample, self.history, self.last_sample)
-        self.step_index += 1
-        return sample

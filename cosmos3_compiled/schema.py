@@ -38,10 +38,18 @@ class X264Preset(str, Enum):
     veryslow = "veryslow"
 
 
-class GQA(str, Enum):
-    native = "native"  # SDPA's enable_gqa
-    expand = "expand"  # K/V copied out to every query head
-    fold = "fold"  # the query heads of one KV head laid end to end (plain MHA over KV heads, no copy)
+class CompileMode(str, Enum):
+    eager = "eager"  # no compilation
+    default = "default"  # inductor kernels
+    max_autotune_no_cudagraphs = "max_autotune_no_cudagraphs"  # inductor with GEMM/conv autotuning
+    max_autotune = "max_autotune"  # autotuning plus inductor's CUDA graph trees
+    reduce_overhead = "reduce_overhead"  # inductor kernels plus its CUDA graph trees
+    cudagraph = "cudagraph"  # inductor kernels, then one CUDA graph of the whole denoise step (ours)
+
+
+class CompileScope(str, Enum):
+    blocks = "blocks"  # each repeated layer (regional)
+    full = "full"  # the whole video step
 
 
 class Schedule(str, Enum):
@@ -58,7 +66,6 @@ class ModelConfig:
     width: int = 128
     num_frames: int = 9
     attention_backend: str = "auto"
-    gqa: GQA = GQA.native
     batch_cfg: bool = False
     fused_qk_rope: Optional[bool] = None
     vae_dtype: Optional[DType] = None
@@ -76,15 +83,15 @@ class SamplerConfig:
 
 @dataclass
 class CompileConfig:
-    mode: str = "eager"
-    scope: str = "blocks"
+    mode: CompileMode = CompileMode.eager
+    scope: CompileScope = CompileScope.blocks
     fullgraph: bool = True
     dynamic: bool = False
     recompile_limit: int = 8
     warmup_steps: int = 1
     inductor: dict[str, Any] = field(default_factory=dict)
-    vae: str = "eager"
-    text_pass: str = "eager"
+    vae: CompileMode = CompileMode.eager
+    text_pass: CompileMode = CompileMode.eager
     cache_dir: Optional[str] = None
     offload_text_tower: bool = False
     pin_text_tower: bool = False

@@ -9,7 +9,7 @@ and re-reads the projection on the way; one program per token here reads each el
 Numerics follow the compiled path (fp32 inside, one rounding per output) except the norm, which rounds the
 normalised value to the weight dtype before scaling exactly as `ops.rms_norm` does.
 
-It is exposed as an opaque custom op that mutates the K/V buffers in place, so `torch.compile(fullgraph=True)`
+It is exposed as an opaque custom op that mutates the K/V buffers in place, so a fullgraph compile
 keeps it in the graph (no break) without copying the buffers around it (a `triton_op`, which inductor traces
 into, made it clone both buffers every layer), and CUDA graphs capture it. Importing this module needs Triton; the model imports it only when
 the kernel is switched on (`Cosmos3Transformer.set_fused_qk_rope`).

@@ -14,7 +14,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _reset_dynamo():
     """Each test starts with no compiled code and no models kept from an earlier test's jobs."""
-    from cosmos3_compiled.pipeline import RESIDENT
+    from cosmos3_compiled.resident import RESIDENT
 
     RESIDENT.drop()
     torch.compiler.reset()
@@ -28,12 +28,12 @@ def fa4_on_cpu(monkeypatch):
     """Stand in for the FlashAttention-4 kernel on the CPU (token-major in and out, native GQA, SDPA maths) so
     the layout handling and the compiler's view of the `cosmos3::fa4_attention` op are tested here; the
     kernel itself is GPU-only (tests/test_gpu_kernels.py)."""
-    from cosmos3_compiled import attention_fa4
+    from cosmos3_compiled import attention
 
     def cpu_kernel(q, k, v, causal):
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
 
-    attention_fa4.fa4_attention.register_kernel("cpu", cpu_kernel)
-    monkeypatch.setattr(attention_fa4, "check_available", lambda device=None: None)
+    attention.fa4_attention.register_kernel("cpu", cpu_kernel)
+    monkeypatch.setattr(attention, "check_backend", lambda *args: None)

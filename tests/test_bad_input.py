@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import cosmos3_compiled.pipeline as pipeline
+import cosmos3_compiled.resident as resident
 from cosmos3_compiled.components import write_checkpoint
-from cosmos3_compiled.pipeline import USER_ERRORS, generate
-from hydra_utils import compose_generate
+from cosmos3_compiled.errors import RequestError
+from cosmos3_compiled.pipeline import generate
+from helpers import compose_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["height=32", "width=32", "num_frames=5", "sampler.num_inference_steps=1", "output.progress=false"]
@@ -38,14 +39,14 @@ def no_load(monkeypatch):
     def trap(*args, **kwargs):
         raise Loaded("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(pipeline, "build_embedded", trap)
-    monkeypatch.setattr(pipeline, "load_checkpoint", trap)
+    monkeypatch.setattr(resident, "build_embedded", trap)
+    monkeypatch.setattr(resident, "load_checkpoint", trap)
     monkeypatch.setattr(torch, "load", trap)  # nothing is ever unpickled
 
 
 def fails(overrides: list[str], out_dir: Path, match: str) -> str:
     """generate() raises a user error whose message is one line containing `match`."""
-    with pytest.raises(USER_ERRORS) as info:
+    with pytest.raises(RequestError) as info:
         generate(compose_generate([*SMALL, *overrides]), out_dir)
     msg = str(info.value)
     assert "\n" not in msg, f"not one line:\n{msg}"
@@ -138,7 +139,6 @@ def test_output_dir_is_a_file(no_load, tmp_path):
 
 @pytest.mark.parametrize(("override", "match"), [
     ("model.name=huge", "unknown model preset 'huge'; valid presets: debug"),
-    ("compile.mode=turbo", "unknown compile mode 'turbo'; choose one of eager"),
     ("sampler.num_inference_steps=0", "sampler.num_inference_steps must be >= 1, got 0"),
     ("fps=0", "fps must be positive, got 0.0"),
     ("output.crf=52", "output.crf=52: H.264 takes 0 (lossless) to 51"),

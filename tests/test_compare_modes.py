@@ -61,6 +61,7 @@ def _check_outputs(out: Path, n_rows: int) -> list[dict]:
 # Real sweep
 
 
+@pytest.mark.inductor
 @pytest.mark.slow
 def test_real_two_mode_multirun(tmp_path):
     sweep = tmp_path / "sweep"

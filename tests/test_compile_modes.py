@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra_utils import compose_generate
+from helpers import compose_generate
 from safetensors.torch import load_file
 
 from cosmos3_compiled.pipeline import RequestError, generate
@@ -22,6 +22,8 @@ def eager_frames(tmp_path_factory):
     return load_file(str(out / "frames.safetensors"))["frames"]
 
 
+@pytest.mark.inductor
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "max_autotune_no_cudagraphs"])
 def test_cpu_mode_compile_contract(mode, eager_frames, tmp_path):
     state = generate(compose_generate(SMALL + [f"compile={mode}", "compile.warmup_steps=1"]), tmp_path)
@@ -34,11 +36,13 @@ def test_cpu_mode_compile_contract(mode, eager_frames, tmp_path):
     assert (frames - eager_frames).abs().max().item() < 1e-3
 
 
+@pytest.mark.inductor
+@pytest.mark.slow
 def test_compiled_vae_matches_eager_decode(eager_frames, tmp_path):
     """compile.vae=default: channels_last_3d decoder, inductor chunk bodies with eager-like rounding."""
     state = generate(compose_generate(SMALL + ["compile=eager", "compile.vae=default"]), tmp_path)
     frames = load_file(str(tmp_path / "frames.safetensors"))["frames"]
-    assert state.metrics["seconds"]["decode"] > 0
+    assert state.metrics["compile"]["unique_graphs"] >= 1  # the decode units really were compiled
     assert (frames - eager_frames).abs().max().item() < 1e-4
 
 
@@ -50,9 +54,10 @@ def test_cuda_graph_modes_need_cuda(mode, tmp_path):
         generate(compose_generate(SMALL + [f"compile={mode}"]), tmp_path)
 
 
+@pytest.mark.inductor
+@pytest.mark.slow
 def test_recompile_in_steady_state_is_an_error(tmp_path, monkeypatch):
     """The steady-state stance really is on: a shape change after warm-up raises instead of recompiling."""
-    from cosmos3_compiled.compile import SteadyStateRunner
     from cosmos3_compiled.model import Cosmos3Transformer
 
     calls = {"n": 0}
@@ -65,6 +70,5 @@ def test_recompile_in_steady_state_is_an_error(tmp_path, monkeypatch):
         return original(self, latents, timestep, branch)
 
     monkeypatch.setattr(Cosmos3Transformer, "forward", shape_shift)
-    assert SteadyStateRunner  # the runner generate() uses for compiled modes
     with pytest.raises(Exception, match="(?i)recompil"):
         generate(compose_generate(SMALL + ["compile=default"]), tmp_path)

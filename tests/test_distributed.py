@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hydra_utils import compose_generate
+from helpers import compose_generate, subprocess_env, torchrun
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -23,6 +23,7 @@ from cosmos3_compiled.checkpoint import build_random
 from cosmos3_compiled.config import preset
 from cosmos3_compiled.distributed import ParallelError, Ulysses, layout
 from cosmos3_compiled.pipeline import generate
+from cosmos3_compiled.vae import RowSplit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR_LAUNCHER = ROOT / "cosmos3_compiled" / "conf" / "hydra" / "launcher"
@@ -170,6 +171,8 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_video_step_cfg_and_ulysses_match_single_process(tmp_path):
     mp.spawn(_step_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
@@ -210,8 +213,9 @@ def _decode_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     distributed.apply_row_parallel_decode(vae_cl, par)
     got_cl = vae_cl.decode_frames(z)
     distributed.teardown(par)
-    report = {"exact": torch.equal(got, want), "max_abs": (got - want).abs().max().item(), "halo": split.halo,
-              "block": split.block(), "max_abs_channels_last": (got_cl - want).abs().max().item()}
+    report = {"exact": torch.equal(got, want), "max_abs": (got - want).abs().max().item(),
+              "block": list(split.block(24)), "reads": list(vae._row_block(12)[2].src),
+              "max_abs_channels_last": (got_cl - want).abs().max().item()}
     # a whole generation given a different output folder per rank: only rank 0's gets anything
     cfg = compose_generate(["parallel=cfg", "parallel.backend=gloo", "parallel.vae_rows=true", *REQUEST])
     state = generate(cfg, Path(out_dir, f"out{rank}"))
@@ -220,14 +224,18 @@ def _decode_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_row_parallel_decode_is_exact_and_only_rank0_writes(tmp_path):
     mp.spawn(_decode_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     print(reports)
-    # tail input 24 rows (12 latent rows × 2; the split block's ×2 runs in the tail): 12 per rank plus a
-    # 7-row halo toward the other block
-    assert [r["block"] for r in reports] == [[12, 0, 12, 0, 19], [12, 12, 24, 5, 24]]
-    assert all(r["exact"] for r in reports), reports  # halo too small by 3 rows shows up only at ~1e-5
+    # tail input 24 rows (12 latent rows × 2; the split block's ×2 runs in the tail): 12 per rank, each reading
+    # a halo of the other's rows (`Decoder.span`) and nothing past the frame's edges
+    assert [r["block"] for r in reports] == [[12, 0, 12], [12, 12, 24]]
+    (lo0, hi0), (lo1, hi1) = (r["reads"] for r in reports)
+    assert lo0 == 0 and 12 < hi0 < 24 and 0 < lo1 < 12 and hi1 == 24, reports
+    assert all(r["exact"] for r in reports), reports  # a halo too small by a few rows shows up only at ~1e-5
     assert all(r["max_abs_channels_last"] <= 1e-5 for r in reports), reports
     # only global rank 0 writes (rank 1 decoded its rows but wrote nothing, not even its output folder)
     assert reports[0]["outputs"] == ["frames", "metrics", "video"] and reports[1]["outputs"] == []
@@ -236,13 +244,8 @@ def test_row_parallel_decode_is_exact_and_only_rank0_writes(tmp_path):
 
 
 def test_row_blocks_cover_uneven_heights():
-    split = object.__new__(distributed.RowParallelDecode)
-    split.rows0, split.world, split.halo = 28, 3, 11
-    blocks = []
-    for rank in range(3):
-        split.rank = rank
-        blocks.append(split.block())
-    assert blocks == [(10, 0, 10, 0, 21), (10, 10, 20, 0, 28), (10, 20, 28, 9, 28)]  # the last one short, padded
+    blocks = [RowSplit(rank, 3, None).block(28) for rank in range(3)]
+    assert blocks == [(10, 0, 10), (10, 10, 20), (10, 20, 28)]  # the last one short (padded by the gather)
 
 
 # ---- whole generations under torchrun ---------------------------------------------------------------
@@ -265,14 +268,8 @@ def single_process_frames(tmp_path_factory):
     return load_file(str(out / "frames.safetensors"))["frames"], state.sha256
 
 
-def _torchrun(nproc: int, overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "cosmos3_compiled.cli", *overrides]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-
-
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("layout_name, nproc, vae_rows, exact", [
     ("cfg", 2, False, True),
     ("ulysses", 2, False, False),
@@ -283,8 +280,8 @@ def test_torchrun_generation_matches_single_process(layout_name, nproc, vae_rows
     # model.batch_cfg needs both branches' whole sequences on one rank: every layout here falls back to per-branch
     overrides = [f"parallel={layout_name}", "parallel.backend=gloo", f"parallel.vae_rows={vae_rows}",
                  "model.batch_cfg=true", "hydra.verbose=[cosmos3_compiled.stages.denoise,cosmos3_compiled.stages.decode]"]
-    proc = _torchrun(nproc, [*overrides, *REQUEST], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun(nproc, [*overrides, *REQUEST], tmp_path)
+    assert proc.returncode == 0, proc.report()
     # every rank ends with the same latents (the row-parallel decode relies on it) and the same video
     for what in ("final latents: sum", "video: sum"):
         found = [line.split(what, 1)[1] for line in (proc.stdout + proc.stderr).splitlines() if what in line]
@@ -313,6 +310,9 @@ def test_torchrun_generation_matches_single_process(layout_name, nproc, vae_rows
                                    "ulysses": degree, "vae_rows": vae_rows}
 
 
+@pytest.mark.distributed
+@pytest.mark.inductor
+@pytest.mark.slow
 def test_bf16_compiled_cfg_with_row_decode_matches_single_process(tmp_path):
     """bf16, inductor-compiled layers, CFG-parallel + row-parallel decode: the single-process frames, bit for bit
     (on the GPU this holds when both runs use the same compiled kernels: docs/distributed.md)."""
@@ -323,21 +323,23 @@ def test_bf16_compiled_cfg_with_row_decode_matches_single_process(tmp_path):
         state = generate(compose_generate(request), tmp_path / "single")
     finally:
         torch.set_num_threads(threads)
-    proc = _torchrun(2, ["parallel=cfg", "parallel.backend=gloo", "parallel.vae_rows=true", *request], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun(2, ["parallel=cfg", "parallel.backend=gloo", "parallel.vae_rows=true", *request], tmp_path)
+    assert proc.returncode == 0, proc.report()
     assert f"sha256 {state.sha256}" in proc.stdout
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_local_launcher_runs_a_job_on_two_processes(single_process_frames, tmp_path):
     """conf/hydra/launcher/local.yaml: a sweep job CFG-parallel over 2 submitit tasks (one job: 2 cores here)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the `cluster` extra")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "cosmos3_compiled.cli", "-m", "hydra/launcher=local", "hydra.launcher.gpus_per_node=0",
            f"hydra.sweep.dir={sweep}", "parallel=cfg", "parallel.backend=gloo", *REQUEST]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = "\n".join(f"===== {p} =====\n{p.read_text(errors='replace')}" for p in sorted(tmp_path.rglob("*.log*")))
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{logs}"  # every task's whole log
     want, want_sha = single_process_frames
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
     assert metrics["parallel"]["world_size"] == 2 and metrics["sha256"] == want_sha

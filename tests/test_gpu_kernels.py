@@ -4,11 +4,13 @@ eager and inside a fullgraph compile (skipped without CUDA)."""
 import pytest
 import torch
 
-from cosmos3_compiled import ops
+from cosmos3_compiled import attention, offload, ops
 from cosmos3_compiled.checkpoint import build_random
-from cosmos3_compiled.compile import CompileSettings, apply_compile
+from cosmos3_compiled.compile import apply_compile
 from cosmos3_compiled.config import preset
-from text_pass_utils import same_text_kv, text_kv_both_ways
+from cosmos3_compiled.errors import RequestError
+from cosmos3_compiled.schema import CompileConfig
+from helpers import same_text_kv, text_kv_both_ways
 
 pytestmark = pytest.mark.gpu
 
@@ -60,11 +62,9 @@ def test_qk_norm_rope_kv_matches_ops(dtype, style, token_major_kv, q_head_major)
 @pytest.mark.parametrize("backend", ["auto", "fa4"])
 def test_fused_step_compiles_fullgraph_and_matches(backend):
     if backend == "fa4":
-        from cosmos3_compiled import attention_fa4
-
         try:
-            attention_fa4.check_available()
-        except RuntimeError as err:
+            attention.check_backend("fa4", torch.device("cuda"), torch.bfloat16)
+        except RequestError as err:
             pytest.skip(str(err))
     latent_shape = (2, 6, 8)
     dtype = torch.bfloat16 if backend == "fa4" else torch.float32  # the FA4 kernels take 16-bit inputs only
@@ -75,7 +75,7 @@ def test_fused_step_compiles_fullgraph_and_matches(backend):
         m.setup_buffers()
         m.set_attention_backend(backend)
     fused.set_fused_qk_rope(True)
-    apply_compile(fused, CompileSettings(mode="default", scope="blocks", fullgraph=True))
+    apply_compile(fused, CompileConfig(mode="default", scope="blocks", fullgraph=True))
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, ref.cfg.vocab_size, (11,), generator=gen)
     latents = torch.randn(1, 48, *latent_shape, generator=gen).cuda()
@@ -102,12 +102,12 @@ def test_offloaded_text_pass_streams_the_same_keys_and_values():
     dev = torch.device("cuda")
     resident = build_random(preset("debug"), seed=4, dtype=torch.bfloat16, device=dev)
     offloaded = build_random(preset("debug"), seed=4, dtype=torch.bfloat16, device=dev, offload_text_tower=True)
-    offloaded.offload_text_tower(pin=True)  # compile.pin_text_tower: the copies can then overlap compute
-    assert offloaded.text_offloaded
+    offload.offload_text_tower(offloaded, pin=True)  # compile.pin_text_tower: the copies can then overlap compute
+    assert offload.text_offloaded(offloaded)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, resident.cfg.vocab_size, (n,), generator=gen) for n in (19, 11)]
     want, got = text_kv_both_ways(resident, offloaded, prompts)
     torch.cuda.synchronize()
     assert same_text_kv(want, got)
-    text_params = [p for n, p in offloaded.named_parameters() if offloaded.is_text_param(n)]
+    text_params = offload.text_params(offloaded)
     assert text_params and all(p.device.type == "cpu" and p.is_pinned() for p in text_params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hydra_utils import compose_generate
+from helpers import compose_generate
 from PIL import Image
 from reference import load_reference_pipeline, make_reference_checkpoint
 from safetensors.torch import load_file
@@ -25,7 +25,7 @@ CASES = {
     # both CFG branches through the linears as one batch (model.batch_cfg), GQA folded into plain MHA
     "t2v_batched_cfg": ("karras", dict(prompt="A red fox in the snow.", negative_prompt="blurry", height=48, width=80,
                                        num_frames=5, fps=16.0, steps=3, guidance=4.0,
-                                       extra=["model.batch_cfg=true", "model.gqa=fold"])),
+                                       extra=["model.batch_cfg=true"])),
 }
 
 
@@ -41,6 +41,7 @@ def _image(path):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_frames_match_reference(name, checkpoints, tmp_path):
     kind, req = CASES[name]

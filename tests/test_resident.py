@@ -4,10 +4,12 @@ already served."""
 
 import pytest
 import torch
-from hydra_utils import compose_generate
+from helpers import compose_generate
 
-from cosmos3_compiled import pipeline
-from cosmos3_compiled.pipeline import RESIDENT, ServedBuckets, generate
+from cosmos3_compiled.compile import ServedBuckets
+from cosmos3_compiled.pipeline import generate
+from cosmos3_compiled.request import prepare
+from cosmos3_compiled.resident import RESIDENT, resident_key
 
 SMALL = ["height=32", "width=32", "num_frames=5", "sampler.num_inference_steps=2", "output.progress=false",
          "output.video=false"]
@@ -29,8 +31,8 @@ def test_second_job_reuses_the_models_and_matches_a_fresh_process(tmp_path):
     assert second["sha256"] == fresh["sha256"] != first["sha256"]
 
 
-@pytest.mark.parametrize("change", ["compile.mode=default", "model.init_seed=1", "dtype=bfloat16",
-                                    "model.vae_tiles=2"])
+@pytest.mark.parametrize("change", [pytest.param("compile.mode=default", marks=[pytest.mark.inductor, pytest.mark.slow]),
+                                    "model.init_seed=1", "dtype=bfloat16", "model.vae_tiles=2"])
 def test_other_model_settings_load_afresh(tmp_path, change):
     run(tmp_path, "a")
     held = RESIDENT.models
@@ -61,10 +63,12 @@ def test_failed_job_frees_the_models(tmp_path, monkeypatch):
     assert run(tmp_path, "c", "seed=1")["models"] == "loaded"
 
 
+@pytest.mark.inductor
+@pytest.mark.slow
 def test_compiled_models_serve_a_known_shape_without_compiling(tmp_path, caplog):
     """compile=default on the CPU: the second job of the same shape compiles no graph (dynamo's counters) and
     its steps run under fail_on_recompile; a new text length compiles once and says so."""
-    caplog.set_level("INFO", logger="stages.denoise")
+    caplog.set_level("INFO", logger="cosmos3_compiled.stages.denoise")
     first = run(tmp_path, "a", "compile=default")
     assert first["compile"]["unique_graphs"] > 0
     second = run(tmp_path, "b", "compile=default", "seed=5")
@@ -89,13 +93,13 @@ def test_served_shapes_reset_the_compiled_code_before_the_recompile_limit(monkey
     assert served.add((5, 4, 4), [13]) and resets == [1, 1]  # 4th latent size for the VAE units
 
 
-def test_key_ignores_request_fields():
+def test_key_ignores_request_fields(tmp_path):
     a = compose_generate([*SMALL, "seed=1", "prompt=x", "height=64"])
     b = compose_generate([*SMALL, "seed=2", "prompt=y", "compile.warmup_steps=3", "output.crf=20"])
-    ra, rb = pipeline.build_request(a), pipeline.build_request(b)
-    assert pipeline.resident_key(a, ra) == pipeline.resident_key(b, rb)
+    ja, jb = prepare(a, tmp_path / "a"), prepare(b, tmp_path / "b")
+    assert resident_key(a, ja) == resident_key(b, jb)
     c = compose_generate([*SMALL, "model.attention_backend=math"])
-    assert pipeline.resident_key(c, pipeline.build_request(c)) != pipeline.resident_key(a, ra)
+    assert resident_key(c, prepare(c, tmp_path / "c")) != resident_key(a, ja)
 
 
 @pytest.mark.gpu

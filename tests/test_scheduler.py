@@ -1,9 +1,8 @@
 """FlowUniPC against diffusers' UniPCMultistepScheduler, plus the compile / graph contract."""
 
-import json
+import dataclasses
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,19 +11,12 @@ from cosmos3_compiled.scheduler import (
     FlowUniPCScheduler,
     SchedulerConfigError,
     coefficient_row_size,
+    merge_schedule_overrides,
     unipc_step_,
 )
 
-SHIFT10_CONFIG = {
-    "_class_name": "UniPCMultistepScheduler",
-    "prediction_type": "flow_prediction",
-    "use_flow_sigmas": True,
-    "use_karras_sigmas": False,
-    "flow_shift": 10.0,
-    "use_dynamic_shifting": False,
-    "solver_order": 2,
-    "solver_type": "bh2",
-}
+# sglang's schedule: the published config with flow sigmas shifted by 10.
+SHIFT10_CONFIG = merge_schedule_overrides(COSMOS3_SCHEDULER_CONFIG, "shift", 10.0)
 
 # Other option values the scheduler supports; each must also match diffusers.
 VARIANT_CONFIGS = {
@@ -37,9 +29,7 @@ VARIANT_CONFIGS = {
         "shift_terminal": 0.1,
     },
     "karras_range_from_betas": {
-        "prediction_type": "flow_prediction",
-        "use_flow_sigmas": True,
-        "use_karras_sigmas": True,
+        k: v for k, v in COSMOS3_SCHEDULER_CONFIG.items() if k not in ("sigma_min", "sigma_max")
     },
     "legacy_keys_and_alias": {**COSMOS3_SCHEDULER_CONFIG, "solver_type": "midpoint", "clip_sample": False},
 }
@@ -47,20 +37,19 @@ VARIANT_CONFIGS = {
 SHAPE = (1, 4, 3, 5, 6)  # [B, C, F, H, W]
 
 
-def _reference(config, n, sigmas=None):
+def _reference(config, n):
     diffusers = pytest.importorskip("diffusers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = diffusers.UniPCMultistepScheduler.from_config(dict(config))
-        ref.set_timesteps(n, sigmas=sigmas)
+        ref.set_timesteps(n)
     return ref
 
 
-def _rollout_pair(config, n, sigmas=None, seed=0):
+def _rollout_pair(config, n, seed=0):
     """Run both schedulers on the same fixed random "model"; return per-step relative errors."""
-    ref = _reference(config, n, sigmas)
-    ours = FlowUniPCScheduler.from_config(config)
-    ours.set_timesteps(n, sigmas=sigmas)
+    ref = _reference(config, n)
+    ours = FlowUniPCScheduler.from_config(config).prepare(n, SHAPE, "cpu")
     g = torch.Generator().manual_seed(seed)
     x_ref = torch.randn(SHAPE, generator=g)
     x_ours = x_ref.clone()
@@ -94,71 +83,54 @@ def test_option_variants_match_diffusers(name):
     assert max(errors) <= 1e-5, errors
 
 
-@pytest.mark.parametrize("config", [COSMOS3_SCHEDULER_CONFIG, SHIFT10_CONFIG], ids=["karras_cosmos3", "shift10"])
-def test_explicit_sigmas_match_diffusers(config):
-    # The pipeline's use_native_flow_schedule path.
-    n = 6
-    sigmas = np.linspace(1.0 - 1.0 / 1000, 0.0, n + 1)[:-1]
-    ref, ours, errors = _rollout_pair(config, None, sigmas=sigmas, seed=2)
-    assert torch.equal(ours.timesteps, ref.timesteps) and ours.timesteps.numel() == n
-    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=1e-7)
-    assert max(errors) <= 1e-5, errors
-
-
 def test_cosmos3_schedule_endpoints():
-    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
-    sched.set_timesteps(35)
-    assert sched.timesteps[0].item() == 995 and sched.timesteps[-1].item() == 128
-    assert sched.sigmas[-1].item() == 0.0
-    assert sched.coefficients.shape == (35, coefficient_row_size(2))
+    run = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG).prepare(35, SHAPE, "cpu")
+    assert run.timesteps[0].item() == 995 and run.timesteps[-1].item() == 128
+    assert run.sigmas[-1].item() == 0.0
+    assert run.coefficients.shape == (35, coefficient_row_size(2))
+    assert run.coeffs.shape == (coefficient_row_size(2),) and run.history.shape == (2, *SHAPE)
+    assert not run.history.any() and not run.last_sample.any()
 
 
 def test_last_step_lands_on_x0():
     # With a zero final sigma the first-order final step returns the x0 prediction itself.
-    sched = FlowUniPCScheduler.from_config(SHIFT10_CONFIG)
-    sched.set_timesteps(4)
-    last = sched.coefficients[-1]
+    last = FlowUniPCScheduler.from_config(SHIFT10_CONFIG).prepare(4, SHAPE, "cpu").coefficients[-1]
     predictor = last[4 + 2 :]
     assert predictor[0].item() == 0.0 and predictor[1].item() == 1.0
     assert torch.count_nonzero(predictor[2:]) == 0
 
 
-def test_set_timesteps_restarts_cleanly():
+def test_runs_are_independent():
+    # The scheduler is shared by every request: a run must not leak into the next, even interleaved.
     sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
-    outputs = []
-    for _ in range(2):
-        sched.set_timesteps(5)
-        g = torch.Generator().manual_seed(3)
-        x = torch.randn(SHAPE, generator=g)
-        for _ in range(5):
-            sched.step(torch.randn(SHAPE, generator=g), x)
-        outputs.append(x)
-    assert torch.equal(outputs[0], outputs[1])
+    runs = [sched.prepare(5, SHAPE, "cpu") for _ in range(2)]
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(SHAPE, generator=g)
+    velocities = [torch.randn(SHAPE, generator=g) for _ in range(5)]
+    xs = [start.clone(), start.clone()]
+    for v in velocities:
+        for run, x in zip(runs, xs):
+            run.step(v, x)
+    assert torch.equal(xs[0], xs[1]) and not torch.equal(xs[0], start)
     with pytest.raises(IndexError, match="outside the 5-step schedule"):
-        sched.step(torch.zeros(SHAPE), torch.zeros(SHAPE))
-
-
-def test_buffer_mismatch_is_reported():
-    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
-    sched.set_timesteps(3)
-    sched.setup_buffers((1, 2, 3), "cpu")
-    with pytest.raises(ValueError, match="setup_buffers"):
-        sched.step(torch.zeros(SHAPE), torch.zeros(SHAPE))
+        runs[0].step(torch.zeros(SHAPE), torch.zeros(SHAPE))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sched.config = None
 
 
 def _eager_and_compiled(backend, steps=4):
+    torch.compiler.reset()  # a cached graph of another backend would count as a recompile
     sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
-    sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(4)
     start = torch.randn(SHAPE, generator=g)
     velocities = [torch.randn(SHAPE, generator=g) for _ in range(steps)]
 
     def run(step_fn):
-        sched.setup_buffers(SHAPE, "cpu")
+        r = sched.prepare(steps, SHAPE, "cpu")
         x = start.clone()
         for i, v in enumerate(velocities):
-            sched.load_coefficients_(i)
-            step_fn(sched.coeff_buffer, v, x, sched.history, sched.last_sample)
+            r.load_(i)
+            step_fn(r.coeffs, v, x, r.history, r.last_sample)
         return x
 
     eager = run(unipc_step_)
@@ -195,33 +167,32 @@ def test_step_replays_in_cuda_graph():
     start = torch.randn(SHAPE, generator=g)
     velocities = [torch.randn(SHAPE, generator=g) for _ in range(n)]
 
-    cpu = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
-    cpu.set_timesteps(n)
+    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
+    cpu = sched.prepare(n, SHAPE, "cpu")
     expected = start.clone()
     for v_i in velocities:
         cpu.step(v_i, expected)
 
-    sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
-    sched.set_timesteps(n)
-    sched.setup_buffers(SHAPE, device)
+    run = sched.prepare(n, SHAPE, device)
     x = start.to(device)
     v = torch.zeros(SHAPE, device=device)
-    step_fn = torch.compile(unipc_step_, fullgraph=True)
-    sched.load_coefficients_(0)
+    step_fn = torch.compile(run.step_, fullgraph=True)
+    run.load_(0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and warm up outside the capture
         for _ in range(2):
-            step_fn(sched.coeff_buffer, v, x.clone(), sched.history, sched.last_sample)
+            step_fn(v, x.clone())
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step_fn(sched.coeff_buffer, v, x, sched.history, sched.last_sample)
-    sched.reset()
+        step_fn(v, x)
+    run.history.zero_()  # the warm-up steps wrote into the history
+    run.last_sample.zero_()
     x.copy_(start)
-    for i, v_i in enumerate(velocities):
-        sched.load_coefficients_(i)
-        v.copy_(v_i)
+    for i in range(n):
+        run.load_(i)
+        v.copy_(velocities[i])
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(x.cpu(), expected, rtol=1e-5, atol=1e-5)
@@ -264,16 +235,25 @@ def test_missing_prediction_type_means_diffusers_default():
 def test_bad_step_count_raises():
     sched = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
     with pytest.raises(ValueError, match="num_inference_steps"):
-        sched.set_timesteps(0)
+        sched.prepare(0, SHAPE, "cpu")
 
 
-def test_from_folder(tmp_path):
-    folder = tmp_path / "scheduler"
-    folder.mkdir()
-    (folder / "scheduler_config.json").write_text(json.dumps({**COSMOS3_SCHEDULER_CONFIG, "skip_prk_steps": True}))
-    for path in (folder, tmp_path, folder / "scheduler_config.json"):
-        sched = FlowUniPCScheduler.from_folder(path)
-        assert sched.config.use_karras_sigmas and sched.config.sigma_max == 200.0
-        assert sched.config.ignored_keys == ("skip_prk_steps",)
-    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
-        FlowUniPCScheduler.from_folder(tmp_path / "missing")
+@pytest.mark.parametrize("schedule", ["checkpoint", "karras", "shift"])
+def test_schedule_overrides(schedule):
+    # What each sampler.schedule choice means, checked against diffusers' own reading of the result.
+    cfg = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG).config
+    no_range = {k: v for k, v in COSMOS3_SCHEDULER_CONFIG.items() if k not in ("sigma_min", "sigma_max")}
+    merged = merge_schedule_overrides(no_range, schedule, 7.0)
+    assert merged is not no_range and "sigma_max" not in no_range
+    ref = _reference(merged, 5).config
+    ours = FlowUniPCScheduler.from_config(merged).config
+    assert ours.use_karras_sigmas == ref.use_karras_sigmas == (schedule != "shift")
+    assert ours.flow_shift == ref.flow_shift == (7.0 if schedule == "shift" else 1.0)
+    if schedule == "karras":
+        assert (ours.sigma_min, ours.sigma_max) == (cfg.sigma_min, cfg.sigma_max)
+    else:
+        assert ours.sigma_min is ref.sigma_min is None
+    kept = merge_schedule_overrides({**COSMOS3_SCHEDULER_CONFIG, "sigma_max": 80.0}, schedule, 7.0)
+    assert kept["sigma_max"] == 80.0
+    with pytest.raises(SchedulerConfigError, match="sampler.schedule"):
+        merge_schedule_overrides(COSMOS3_SCHEDULER_CONFIG, "cosine", 7.0)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from cosmos3_compiled.checkpoint import build_random
-from cosmos3_compiled.compile import CompileSettings, apply_compile
+from cosmos3_compiled.compile import apply_compile
 from cosmos3_compiled.config import preset
+from cosmos3_compiled.schema import CompileConfig
 
 
 def _branches(model, latent_shape):
@@ -29,7 +30,7 @@ def test_video_step_fullgraph_no_recompiles(scope, backend, request):
     eager = build_random(preset("debug"), seed=5)
     compiled = build_random(preset("debug"), seed=5)
     compiled.set_attention_backend(backend)  # before the branches: it fixes their K/V buffer layout
-    apply_compile(compiled, CompileSettings(mode="default", scope=scope, fullgraph=True))
+    apply_compile(compiled, CompileConfig(mode="default", scope=scope, fullgraph=True))
     branches_e, branches_c = _branches(eager, latent_shape), _branches(compiled, latent_shape)
     latents = torch.randn(1, 48, *latent_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -55,21 +56,19 @@ def test_graph_break_is_an_error():
         return original(h, *args)
 
     model.layers[0].forward = broken
-    apply_compile(model, CompileSettings(mode="default", scope="full"))
+    apply_compile(model, CompileConfig(mode="default", scope="full"))
     (b,) = _branches(model, (1, 2, 2))[:1]
     with pytest.raises(torch._dynamo.exc.Unsupported):
         model(torch.randn(1, 48, 1, 2, 2), torch.tensor(5.0), b)
 
 
-@pytest.mark.parametrize("gqa", ["native", "fold"])
-def test_batched_cfg_step_fullgraph_no_recompiles(gqa):
+def test_batched_cfg_step_fullgraph_no_recompiles():
     """Both branches through the linears as one batch: compiles once, steady state without recompiles,
-    and equals the per-branch step (which uses native GQA)."""
+    and equals the per-branch step."""
     latent_shape = (2, 4, 6)
     eager = build_random(preset("debug"), seed=6)
     compiled = build_random(preset("debug"), seed=6)
-    compiled.set_attention_backend("auto", gqa=gqa)
-    apply_compile(compiled, CompileSettings(mode="default", scope="blocks", fullgraph=True))
+    apply_compile(compiled, CompileConfig(mode="default", scope="blocks", fullgraph=True))
     be, bc = _branches(eager, latent_shape), _branches(compiled, latent_shape)
     tables = compiled.setup_batched(bc)
     latents = torch.randn(1, 48, *latent_shape, generator=torch.Generator().manual_seed(1))
@@ -96,5 +95,5 @@ def test_residual_accumulation_modes_agree():
         plain = model(latents, torch.tensor(400.0), b)
     assert (inplace - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
     for mode, expected in (("reduce_overhead", False), ("max_autotune", False), ("default", True)):
-        apply_compile(model, CompileSettings(mode=mode, scope="blocks"))
+        apply_compile(model, CompileConfig(mode=mode, scope="blocks"))
         assert all(layer.accumulate_into_input is expected for layer in model.layers), mode

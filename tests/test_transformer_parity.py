@@ -3,9 +3,10 @@
 import pytest
 import torch
 from dit_reference import build_reference_transformer, reference_velocity
-from text_pass_utils import same_text_kv, text_kv_both_ways
+from helpers import same_text_kv, text_kv_both_ways
 
 from cosmos3_compiled.checkpoint import load_transformer
+from cosmos3_compiled.errors import RequestError
 
 TINY = dict(hidden_size=96, num_hidden_layers=2, head_dim=16, intermediate_size=160, vocab_size=300,
             rope_axes_dim=[4, 2, 2])
@@ -59,16 +60,15 @@ def test_matches_reference_cond_and_uncond(name, checkpoints):
             assert got[:, :, list(clean)].abs().max() == 0
 
 
-@pytest.mark.parametrize("backend,gqa", [("math", "expand"), ("math", "native"), ("math", "fold"), ("auto", "expand"),
-                                         ("auto", "fold"), ("fa4", "native")])
-def test_attention_options_keep_parity(backend, gqa, checkpoints, request):
+@pytest.mark.parametrize("backend", ["math", "auto", "fa4"])
+def test_attention_options_keep_parity(backend, checkpoints, request):
     """fa4 runs its CPU stand-in (`fa4_on_cpu`): what is checked is the token-major plumbing around the op."""
     if backend == "fa4":
         request.getfixturevalue("fa4_on_cpu")
     ref, folder = checkpoints["gqa3_fps24"]
     _, (t, h, w), fps, clean = CASES["gqa3_fps24"]
     ours = load_transformer(folder, dtype=torch.float32)
-    ours.set_attention_backend(backend, gqa=gqa)
+    ours.set_attention_backend(backend)
     ids = torch.arange(9) * 7
     latents = torch.randn(1, 48, t, h, w, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -81,20 +81,23 @@ def test_attention_options_keep_parity(backend, gqa, checkpoints, request):
 
 def test_unknown_attention_backend_is_rejected(checkpoints):
     ours = load_transformer(checkpoints["gqa3_fps24"][1], dtype=torch.float32)
-    with pytest.raises(ValueError, match="unknown attention backend"):
+    with pytest.raises(RequestError, match="unknown model.attention_backend"):
         ours.set_attention_backend("flash3")
-    with pytest.raises(ValueError, match="unknown gqa mode"):
-        ours.set_attention_backend("math", gqa="repeat")
 
 
-def test_fa4_backend_needs_its_package(checkpoints, monkeypatch):
+def test_fa4_backend_needs_its_package(monkeypatch):
+    """On a CUDA machine without flash-attn-4 the request fails in one line naming the package."""
     import importlib.util
+
+    from cosmos3_compiled import attention
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("flash_attn") else real(name, *a))
-    ours = load_transformer(checkpoints["gqa3_fps24"][1], dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="flash-attn-4"):
-        ours.set_attention_backend("fa4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RequestError, match="needs the flash-attn-4 package"):
+        attention.check_backend("fa4", torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(RequestError, match="needs device=cuda"):  # and on the CPU, the device first
+        attention.check_backend("fa4", torch.device("cpu"), torch.bfloat16)
 
 
 def test_text_passes_of_both_prompts_match_one_at_a_time():

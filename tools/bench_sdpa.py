@@ -59,9 +59,9 @@ def main():
                     print(f"| {bname} | {lname} | {gqa} | failed: {str(err)[:60]} | |")
     if args.fa4:  # FlashAttention-4 kernels (optional package), native GQA, fed the same storage as views
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from cosmos3_compiled.attention_fa4 import check_available, fa4_attention
+        from cosmos3_compiled.attention import check_backend, fa4_attention
 
-        check_available()
+        check_backend("fa4", torch.device(dev), dt)
         ref = None
         for lname, (q, k, v) in layouts.items():
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [1, L, H, D] views

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
 
 from cosmos3_compiled.checkpoint import build_random  # noqa: E402
-from cosmos3_compiled.compile import CompileSettings, apply_compile, capture_cuda_graph, compile_counters  # noqa: E402
+from cosmos3_compiled.compile import apply_compile, capture_cuda_graph, compile_counters, reset_compile  # noqa: E402
 from cosmos3_compiled.config import preset, replace  # noqa: E402
+from cosmos3_compiled.schema import CompileConfig  # noqa: E402
 from timing import gpu_kernels, profiled_back_to_back, time_back_to_back, time_calls  # noqa: E402
 
 CEILINGS = {"matmul_tflops": 770.0, "sdpa_cudnn_tflops": 636.0}
@@ -39,10 +40,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def recompile(model, mode: str, scope: str) -> None:
     """Drop every compiled graph and restore plain forwards, then compile the model another way."""
-    torch._dynamo.reset()
-    for m in [model, *model.layers]:
-        m._compiled_call_impl = None
-    apply_compile(model, CompileSettings(mode=mode, scope=scope, fullgraph=True))
+    apply_compile(reset_compile(model), CompileConfig(mode=mode, scope=scope, fullgraph=True))
 
 
 def kernel_times(activities: list[tuple[str, float]]) -> list[float]:
@@ -77,8 +75,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--attn", default="cudnn", help="comma list of attention backends for ours: auto|cudnn|flash|efficient|math|fa4")
-    ap.add_argument("--gqa", default="native",
-                    help="comma list of GQA handlings to run every 'ours' mode with: native, expand, fold (see model.attention)")
     ap.add_argument("--fused-qk", default="0",
                     help="comma list of 0/1: video step's q/k norm + RoPE + K/V writes as one Triton kernel (1)")
     ap.add_argument("--ours", default="eager,blocks,cudagraph",
@@ -174,14 +170,13 @@ def main() -> None:
     ts = torch.tensor(float(timestep), device=dev)
     eager_out = None
     with torch.no_grad():
-        for attn, fused, gqa, mode in [(a, f, g, m) for a in args.attn.split(",") for f in args.fused_qk.split(",")
-                                       for g in args.gqa.split(",") for m in args.ours.split(",")]:
+        for attn, fused, mode in [(a, f, m) for a in args.attn.split(",") for f in args.fused_qk.split(",")
+                                  for m in args.ours.split(",")]:
             model.set_fused_qk_rope(fused == "1")
-            if attn != model.layers[0].attn_backend:  # the backend fixes the K/V buffer layout: new branch
-                model.set_attention_backend(attn, gqa=gqa)
+            if attn != model.attention.name:  # the path fixes the K/V buffer layout: new branch
+                model.set_attention_backend(attn)
                 branch = model.setup_branch(args.text_len, latent, fps=args.fps)
                 model.text_pass(ids, branch)
-            model.set_attention_backend(attn, gqa=gqa)
             compile_s = 0.0
             graph = None
             per_call_branches = 1
@@ -225,7 +220,7 @@ def main() -> None:
             if eager_out is None:
                 eager_out = out
             med = statistics.median(times) / per_call_branches  # seconds per CFG branch
-            row = {"impl": f"ours {mode} ({attn}, gqa {gqa}{', fused qk' if fused == '1' else ''})", "median_s": med,
+            row = {"impl": f"ours {mode} ({attn}{', fused qk' if fused == '1' else ''})", "median_s": med,
                    "back_to_back_s": back_to_back, "compile_s": compile_s, "tflops": total_tflop / med, "psnr_vs_ours_eager": psnr(out, eager_out)}
             if ref_out is not None:
                 row["psnr_vs_diffusers_eager"] = psnr(out, ref_out)

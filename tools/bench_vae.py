@@ -16,9 +16,9 @@ GPU:    python tools/bench_vae.py
                                                    (+ GPU kernel time by kind: convolutions vs the rest)
 Smoke:  python tools/bench_vae.py --smoke          (tiny widths on the CPU, checks the script end to end)
 
-Memory floor: the causal histories (3.06 GiB in bf16 at 720p) and the output video (0.42 GiB) are live at
-every peak; the rest is the working set of one chunk (or one output frame with `frame_tail`) plus
-whatever workspace cuDNN's chosen algorithms take (`--memory-trace` shows it; `--cudnn-benchmark 0`
+Memory floor: the causal histories and the output video (sizes in the report, measured ones in
+docs/benchmarks/) are live at every peak; the rest is the working set of one output frame plus whatever
+workspace cuDNN's chosen algorithms take (`--memory-trace` shows it; `--cudnn-benchmark 0`
 lets cuDNN's heuristics choose instead of the fastest-measured algorithm).
 """
 
@@ -47,12 +47,10 @@ from cosmos3_compiled.vae import VAEConfig, WanVAE, build_vae, wan22_config  # n
 from timing import gpu_kernels  # noqa: E402  (tools/, this script's folder)
 
 WAN22 = wan22_config()
-# A mode is `eager` or `compiled`, plus any of: `_cl` (channels_last_3d), `_chunk` (whole-chunk tail
-# instead of frame-by-frame, see WanVAE.frame_tail), `_subpixel` (WanVAE.apply_subpixel_upsample),
-# `_autotune` (compiled with max-autotune-no-cudagraphs), `_exact` (compiled with inductor's
+# A mode is `eager` or `compiled`, plus any of: `_cl` (channels_last_3d), `_autotune` (compiled with max-autotune-no-cudagraphs), `_exact` (compiled with inductor's
 # emulate_precision_casts: intermediates rounded to bf16 where eager rounds them), `_t<N>` (tile-major decode
 # in N column strips, WanVAE.tiles; its eager reference is the eager mode with the same strips when run).
-MODE_FLAGS = ("cl", "chunk", "subpixel", "autotune", "exact")
+MODE_FLAGS = ("cl", "autotune", "exact")
 
 
 def tile_flag(flags) -> str | None:
@@ -65,7 +63,7 @@ def parse_mode(mode: str) -> tuple[str, set[str]]:
     compiled_only = set(flags) & {"autotune", "exact"}
     known = set(MODE_FLAGS) | {tile_flag(flags)}
     if base not in ("eager", "compiled") or not set(flags) <= known or (compiled_only and base != "compiled"):
-        sys.exit(f"bad --ours mode {mode!r}: eager|compiled + any of _cl, _chunk, _subpixel, _t<N> "
+        sys.exit(f"bad --ours mode {mode!r}: eager|compiled + any of _cl, _t<N> "
                  "(_autotune, _exact when compiled)")
     return base, set(flags)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -112,8 +110,11 @@ def decoder_flops(vae_cfg: dict, latent_shape: tuple[int, ...], dtype: torch.dty
     with torch.no_grad(), counter:
         _, hist = vae.decoder_first_chunk(x)
         first = counter.get_total_flops()
-        if t > 1:
-            vae.decoder_chunk(x, hist)
+        if t > 1:  # one later latent frame: the head, then the tail per output frame
+            k = vae.decoder.head_histories
+            (feats, src), _ = vae.decoder_head(x, hist[:k])
+            for j in range(feats.shape[2]):
+                vae.decoder_tail(*vae.decoder.tail_frame(feats, src, j), hist[k:])
     steady = counter.get_total_flops() - first
     return first + (t - 1) * steady, float(sum(v.numel() * v.element_size() for v in hist))
 
@@ -255,9 +256,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument(
         "--ours",
-        default="eager,eager_cl,compiled_cl,compiled_cl_subpixel",
-        help="comma list of modes: eager|compiled + optional _cl (channels_last_3d), _chunk (whole-chunk tail), "
-        "_subpixel (upsample convs folded to 2x2), _autotune (compiled, max-autotune-no-cudagraphs), "
+        default="eager,eager_cl,compiled_cl",
+        help="comma list of modes: eager|compiled + optional _cl (channels_last_3d), _autotune (compiled, max-autotune-no-cudagraphs), "
         "_exact (compiled, intermediates rounded as in eager), _t<N> (tile-major decode in N column strips)",
     )
     ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline")
@@ -340,11 +340,8 @@ def main() -> None:
         for mode in modes:
             base, flags = parse_mode(mode)
             vae = ours_from(ref, cfg, dtype, channels_last="cl" in flags)
-            vae.frame_tail = "chunk" not in flags
             tiled = tile_flag(flags)
             vae.tiles = int(tiled[1:]) if tiled else 1
-            if "subpixel" in flags:
-                vae.apply_subpixel_upsample()
             if base == "compiled":
                 torch.compiler.reset()
                 apply_compile_vae(vae, "max_autotune_no_cudagraphs" if "autotune" in flags else "default",

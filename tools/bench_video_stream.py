@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How long the MP4 save takes after the last decoded frame, by content: the product's streamed path
-(`stages.save.VideoStream`: uint8 on a side stream → pinned host → libx264 thread, sha256 thread) against the
+(`frame_sink.FrameSink`: uint8 on a side stream → pinned host → libx264 thread, sha256 thread) against the
 one-shot path it replaced (uint8 + copy + sha256 + `write_mp4` after the whole decode).
 
 The random-weight Nano video is noise-like, and libx264 (crf 18, preset medium) encodes noise several times
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from cosmos3_compiled.media import write_mp4  # noqa: E402
 from cosmos3_compiled.postprocess import to_uint8_frames  # noqa: E402
-from cosmos3_compiled.stages.save import VideoStream  # noqa: E402
+from cosmos3_compiled.frame_sink import FrameSink  # noqa: E402
 
 
 def make_video(content: str, frames: int, height: int, width: int, device: str) -> torch.Tensor:
@@ -81,7 +81,7 @@ def paced_decode(video: torch.Tensor, on_frames, decode_s: float, hz: float) -> 
 
 
 def run_streamed(video, decode_s, hz, out: Path) -> dict:
-    stream = VideoStream(out)
+    stream = FrameSink(out)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     paced_decode(video, stream.start(video, fps=24.0), decode_s, hz)

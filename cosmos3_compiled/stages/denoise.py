@@ -7,11 +7,12 @@ import time
 
 import torch
 
-from cosmos3_compiled.compile import compile_counters, make_step_runner
+from cosmos3_compiled.compile import CompilePlan, compile_counters
+from cosmos3_compiled.model import Branch, Cosmos3Transformer
 from cosmos3_compiled.progress import progress
-from cosmos3_compiled.scheduler import unipc_step_
+from cosmos3_compiled.scheduler import UniPCRun
 
-from .state import Components, State, log_checksum
+from .state import State, log_checksum
 
 log = logging.getLogger(__name__)
 
@@ -20,17 +21,17 @@ class DenoiseStep:
     """One whole denoising step on static buffers: every branch's video step, the CFG combine and the
     scheduler update. Free of host syncs, so it can be compiled or captured in one CUDA graph.
 
-    Inputs live in `timestep` (0-dim fp32) and the scheduler's `coeff_buffer`, both filled before each
-    call; `latents` is updated in place.
+    Inputs live in `timestep` (0-dim fp32) and the run's `coeffs`, both filled before each call; `latents` is
+    updated in place.
 
     CFG parallelism: `cfg_gather` (distributed.Parallel.gather_cfg) turns this rank's one branch velocity
     into (cond, uncond) with one collective; every rank then does the same combine and update, so the
     latents stay identical on all ranks.
     """
 
-    def __init__(self, model, scheduler, branches, latents: torch.Tensor, guidance_scale: float, cfg_gather=None,
-                 batch_cfg: bool = False):
-        self.model, self.scheduler, self.branches = model, scheduler, branches
+    def __init__(self, model: Cosmos3Transformer, run: UniPCRun, branches: list[Branch], latents: torch.Tensor,
+                 guidance_scale: float, cfg_gather=None, batch_cfg: bool = False):
+        self.model, self.run, self.branches = model, run, branches
         self.latents = latents
         self.guidance = guidance_scale
         self.cfg_gather = cfg_gather
@@ -41,9 +42,7 @@ class DenoiseStep:
     def __call__(self) -> torch.Tensor:
         if self.batched is not None:
             cond, uncond = self.model.forward_batched(self.latents, self.timestep, self.branches, *self.batched)
-            velocity = uncond + self.guidance * (cond - uncond)
-            s = self.scheduler
-            return unipc_step_(s.coeff_buffer, velocity, self.latents, s.history, s.last_sample)
+            return self.run.step_(uncond + self.guidance * (cond - uncond), self.latents)
         velocity = self.model(self.latents, self.timestep, self.branches[0])
         if self.cfg_gather is not None:
             cond, uncond = self.cfg_gather(velocity)
@@ -51,52 +50,49 @@ class DenoiseStep:
         elif len(self.branches) > 1:
             uncond = self.model(self.latents, self.timestep, self.branches[1])
             velocity = uncond + self.guidance * (velocity - uncond)
-        s = self.scheduler
-        return unipc_step_(s.coeff_buffer, velocity, self.latents, s.history, s.last_sample)
+        return self.run.step_(velocity, self.latents)
 
 
 class Denoise:
-    """Reads latents, branches, timesteps; writes latents (in place), metrics["steps"]; frees branches."""
+    """Reads latents, branches, run; writes latents (in place), metrics["steps"], ["shape_bucket"]; frees branches.
 
-    def __init__(self, components: Components, mode: str = "eager", warmup_steps: int = 1, batch_cfg: bool = False):
-        self.model = components.transformer
-        self.scheduler = components.scheduler
-        self.mode, self.warmup, self.batch_cfg = mode, warmup_steps, batch_cfg
-        self.parallel = components.parallel
-        self.served = components.served
+    `plan` gives the per-step runner (eager, steady-state guard or whole-step CUDA graph) and the shape buckets
+    compiled so far. `cfg_gather`: this rank holds one CFG branch and gathers the other's velocity. `batch_cfg`:
+    run both branches as one batch (only when both are on this rank, with whole-sequence tokens). `warmup_steps`:
+    this job's steps before the steady state (compile.warmup_steps; resident models serve jobs with any value).
+    """
+
+    def __init__(self, transformer: Cosmos3Transformer, plan: CompilePlan, warmup_steps: int = 1, cfg_gather=None,
+                 batch_cfg: bool = False):
+        self.model, self.plan, self.warmup = transformer, plan, warmup_steps
+        self.cfg_gather, self.batch_cfg = cfg_gather, batch_cfg
 
     @torch.no_grad()
     def __call__(self, state: State) -> State:
-        par = self.parallel
-        split_cfg = par is not None and par.cfg_size == 2 and state.request.use_cfg
-        # batched CFG needs both branches on this rank and whole-sequence tokens (no Ulysses shards)
-        batch_cfg = self.batch_cfg and not split_cfg and (par is None or par.ulysses is None)
-        step = DenoiseStep(self.model, self.scheduler, state.branches, state.latents, state.request.guidance_scale,
-                           cfg_gather=par.gather_cfg if split_cfg else None, batch_cfg=batch_cfg)
-        bucket = {"latent": list(state.request.latent_shape), "text": [b.text_len for b in state.branches]}
-        state.metrics["shape_bucket"] = bucket
-        known = self.served is not None and set((tuple(bucket["latent"]), n) for n in bucket["text"]) <= self.served.text
-        if self.served is not None and self.served.add(bucket["latent"], bucket["text"]):
+        plan, run = self.plan, state.run
+        step = DenoiseStep(self.model, run, state.branches, state.latents, state.request.guidance_scale,
+                           cfg_gather=self.cfg_gather if state.request.use_cfg else None, batch_cfg=self.batch_cfg)
+        latent, text = state.request.latent_shape, [b.text_len for b in state.branches]
+        state.metrics["shape_bucket"] = {"latent": list(latent), "text": text}
+        known = plan.buckets.knows(latent, text)
+        if plan.buckets.add(latent, text):
             log.info("compile=%s: this process served more request shapes than compile.recompile_limit allows: "
-                     "compiled graphs reset", self.mode)
-        if self.mode != "eager":
-            if known:
-                log.info("compile=%s: shape bucket %s already compiled in this process", self.mode, bucket)
-            else:
-                log.info("compile=%s: first step compiles shape bucket %s (one graph per branch text length)",
-                         self.mode, bucket)
-        s = self.scheduler
-        run = make_step_runner(self.mode, step, [state.latents, s.history, s.last_sample], self.warmup)
+                     "compiled graphs reset", plan.mode)
+        if plan.compiles:
+            log.info("compile=%s: %s", plan.mode,
+                     f"shape bucket {state.metrics['shape_bucket']} already compiled in this process" if known else
+                     f"first step compiles shape bucket {state.metrics['shape_bucket']} (one graph per branch text "
+                     "length)")
+        runner = plan.step_runner(step, self.warmup)
         timesteps = state.timesteps.to(torch.float32)
         timer = StepTimer(state.latents.device)
-        warm = max(1, self.warmup)
         graphs_after_warmup = None
         for i in progress(range(len(timesteps)), desc="denoise", total=len(timesteps)):
             step.timestep.copy_(timesteps[i])  # host → device, no sync on the device side
-            s.load_coefficients_(i)
+            run.load_(i)
             with timer:
-                run()
-            if i + 1 == warm:
+                runner()
+            if i + 1 == max(1, self.warmup):
                 graphs_after_warmup = compile_counters()["unique_graphs"]
         state.metrics["steps"] = timer.summary()
         if graphs_after_warmup is not None:  # graphs compiled in steady state = recompiles

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .state import Components, State
+from cosmos3_compiled.vae import WanVAE
+
+from .state import State
 
 
 def load_conditioning_image(path, height: int, width: int) -> torch.Tensor:
@@ -27,12 +29,10 @@ def load_conditioning_image(path, height: int, width: int) -> torch.Tensor:
 
 
 class Latents:
-    """Reads request; writes latents [1, 48, T, h, w] fp32 on the device."""
+    """Reads request; writes latents [1, channels, T, h, w] fp32 on `device` (the VAE encodes the image)."""
 
-    def __init__(self, components: Components):
-        self.vae = components.vae
-        self.device = components.device
-        self.channels = components.transformer.cfg.latent_channel
+    def __init__(self, vae: WanVAE, channels: int, device: torch.device):
+        self.vae, self.channels, self.device = vae, channels, device
 
     def __call__(self, state: State) -> State:
         r = state.request

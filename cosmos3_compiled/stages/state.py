@@ -1,4 +1,8 @@
-"""Types shared by the stages: the request, the loaded components, and the state that flows through."""
+"""The state that flows through the stages: one typed field per thing a stage writes (and the stage that writes it).
+
+A stage is constructed with exactly the components it uses and is called as `state = stage(state)`; it reads
+and writes only the fields its docstring names. No stage imports another.
+"""
 
 from __future__ import annotations
 
@@ -9,66 +13,26 @@ from typing import Any
 
 import torch
 
-
-@dataclass(frozen=True)
-class Request:
-    prompt: str
-    negative_prompt: str
-    height: int
-    width: int
-    num_frames: int
-    fps: float
-    seed: int
-    num_inference_steps: int
-    guidance_scale: float
-    image: Path | None = None
-    use_system_prompt: bool = True
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.num_frames - 1) // 4 + 1, self.height // 16, self.width // 16
-
-    @property
-    def use_cfg(self) -> bool:
-        return self.guidance_scale != 1.0
-
-    @property
-    def image_to_video(self) -> bool:
-        return self.image is not None and self.num_frames > 1
-
-    @property
-    def clean_frames(self) -> tuple[int, ...]:
-        """Latent frames kept clean (not denoised): frame 0 in image-to-video."""
-        return (0,) if self.image_to_video else ()
-
-
-@dataclass
-class Components:
-    transformer: Any  # cosmos3_compiled.model.Cosmos3Transformer
-    vae: Any  # cosmos3_compiled.vae.WanVAE
-    scheduler: Any  # cosmos3_compiled.scheduler.FlowUniPCScheduler
-    tokenizer: Any  # cosmos3_compiled.prompting.PromptTokenizer
-    device: torch.device
-    dtype: torch.dtype
-    source: str  # checkpoint folder, or "embedded:<preset>"
-    parallel: Any = None  # cosmos3_compiled.distributed.Parallel under torchrun, None for one process
-    served: Any = None  # cosmos3_compiled.pipeline.ServedBuckets: request shapes the compiled graphs hold
+from cosmos3_compiled.model import Branch
+from cosmos3_compiled.request import Request
+from cosmos3_compiled.scheduler import UniPCRun
 
 
 @dataclass
 class State:
     request: Request
-    cond_ids: list[int] | None = None  # tokenize
-    uncond_ids: list[int] | None = None
-    branches: list = field(default_factory=list)  # text pass: [cond] or [cond, uncond] (model.Branch)
-    latents: torch.Tensor | None = None  # latents → denoise: [1, 48, T, h, w] fp32
-    timesteps: torch.Tensor | None = None  # timesteps: [n] int64 (CPU)
-    video: torch.Tensor | None = None  # decode: [1, 3, F, H, W] in [-1, 1]
-    frames_uint8: torch.Tensor | None = None  # postprocess: [F, H, W, 3] uint8 (CPU)
-    frames_float: torch.Tensor | None = None  # postprocess (when asked): [F, H, W, 3] fp32 in [0, 1] (CPU)
-    sha256: str | None = None  # postprocess: of frames_uint8's bytes
-    outputs: dict[str, Path] = field(default_factory=dict)  # save
-    metrics: dict[str, Any] = field(default_factory=dict)  # every stage: seconds, memory, compile stats
+    cond_ids: list[int] | None = None  # Tokenize
+    uncond_ids: list[int] | None = None  # Tokenize (None when guidance is 1)
+    branches: list[Branch] = field(default_factory=list)  # TextPass: [cond] or [cond, uncond]; Denoise frees them
+    latents: torch.Tensor | None = None  # Latents, then Denoise in place: [1, C, T, h, w] fp32 on the device
+    run: UniPCRun | None = None  # Timesteps: the sampler's schedule and static step buffers, stepped by Denoise
+    timesteps: torch.Tensor | None = None  # Timesteps: [n] int64 (CPU)
+    video: torch.Tensor | None = None  # Decode: [1, 3, F, H, W] in [-1, 1]; Postprocess drops it
+    frames_uint8: torch.Tensor | None = None  # Postprocess: [F, H, W, 3] uint8 (CPU)
+    frames_float: torch.Tensor | None = None  # Postprocess (output.frames=float32): [F, H, W, 3] fp32 in [0, 1]
+    sha256: str | None = None  # Postprocess: of frames_uint8's bytes
+    outputs: dict[str, Path] = field(default_factory=dict)  # Save (and the pipeline's metrics.json): name → path
+    metrics: dict[str, Any] = field(default_factory=dict)  # every stage adds its entries; written as metrics.json
 
 
 def log_checksum(log: logging.Logger, what: str, t: torch.Tensor) -> None:

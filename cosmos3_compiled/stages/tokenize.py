@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from cosmos3_compiled.prompting import build_prompt_ids
+from cosmos3_compiled.prompting import PromptTokenizer, build_prompt_ids
 
-from .state import Components, State
+from .state import State
 
 
 class Tokenize:
-    """Reads request; writes cond_ids, uncond_ids (None when guidance is 1)."""
+    """Reads request; writes cond_ids, uncond_ids (None when guidance is 1), metrics["text_tokens"]."""
 
-    def __init__(self, components: Components):
-        self.tokenizer = components.tokenizer
+    def __init__(self, tokenizer: PromptTokenizer):
+        self.tokenizer = tokenizer
 
     def __call__(self, state: State) -> State:
         r = state.request

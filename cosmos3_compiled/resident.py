@@ -1,0 +1,119 @@
+"""The models a job loads and prepares, and the one set of them a process keeps for the next job of a sweep."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import offload
+from .compile import CompilePlan, drop_compiled
+from .components import build_embedded, load_checkpoint
+from .distributed import Parallel, apply_row_parallel_decode, apply_sequence_parallel
+from .model import Cosmos3Transformer
+from .prompting import PromptTokenizer
+from .request import Job, value
+from .vae import WanVAE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    """What a job loads and prepares once, and a later job with the same `resident_key` may reuse."""
+
+    transformer: Cosmos3Transformer | None  # backends set, Ulysses applied, compiled per the plan
+    vae: WanVAE | None
+    tokenizer: PromptTokenizer
+    source: str  # the checkpoint folder, or "embedded:<preset>"
+    plan: CompilePlan
+    row_decode: bool  # the VAE decode is split by rows over every rank of the job
+    device: torch.device
+
+
+def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel | None) -> Models:
+    """Read the weights (checkpoint or embedded default), set the backends, apply the parallel layout and the
+    compile plan."""
+    s = job.settings
+    offload_text = cfg.compile.offload_text_tower
+    if job.checkpoint is None:
+        transformer, vae, tokenizer = build_embedded(cfg.model.name, cfg.model.init_seed, device, s.dtype,
+                                                     s.vae_dtype, offload_text_tower=offload_text)
+        source = f"embedded:{cfg.model.name}"
+    else:
+        transformer, vae, tokenizer = load_checkpoint(job.checkpoint, device, s.dtype, s.vae_dtype,
+                                                      with_encoder=job.request.image_to_video,
+                                                      offload_text_tower=offload_text)
+        source = str(job.checkpoint.folder)
+    transformer.set_attention_backend(s.attention_backend)
+    transformer.set_fused_qk_rope(s.fused_qk_rope)
+    if cfg.compile.pin_text_tower:
+        t0 = time.perf_counter()
+        offload.offload_text_tower(transformer, pin=True)
+        log.info("text-tower weights page-locked in %.1f s", time.perf_counter() - t0)
+    if par is not None:
+        apply_sequence_parallel(transformer, par.ulysses)
+    vae.tiles = s.vae_tiles
+    plan = CompilePlan.from_config(cfg.compile)
+    plan.apply(transformer, vae)
+    row_decode = par is not None and cfg.parallel.vae_rows and apply_row_parallel_decode(vae, par) is not None
+    return Models(transformer, vae, tokenizer, source, plan, row_decode, device)
+
+
+def resident_key(cfg: DictConfig, job: Job) -> str:
+    """Everything that decides what `load_models` builds; the request itself (prompt, seed, size, steps,
+    guidance), compile.warmup_steps and the outputs are not part of it."""
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True).items()
+             if k not in ("height", "width", "num_frames")}  # request defaults only
+    checkpoint = None if job.checkpoint is None else str(job.checkpoint.folder)
+    compile_cfg = OmegaConf.to_container(cfg.compile, resolve=True, enum_to_str=True)
+    compile_cfg.pop("warmup_steps")  # read by the denoise stage per job
+    return json.dumps({
+        "checkpoint": checkpoint, "model": model, "device": value(cfg.device), "dtype": value(cfg.dtype),
+        "compile": compile_cfg, "image_encoder": checkpoint is not None and job.request.image_to_video,
+    }, sort_keys=True)
+
+
+class Resident:
+    """The one set of loaded models of this process. A job holds them while it runs; afterwards they stay for
+    the next job (Hydra's basic launcher runs a sweep's jobs in one process), which takes them when its
+    `resident_key` matches. Any other key, or a failed job, frees them first, so two model sets never share
+    the GPU and a job never inherits models left half-way by an error."""
+
+    def __init__(self):
+        self.key: str | None = None
+        self.models: Models | None = None
+
+    def take(self, key: str | None) -> Models | None:
+        """The held models when they were built for `key`; otherwise free them and return None."""
+        if key is not None and key == self.key:
+            return self.models
+        self.drop()
+        return None
+
+    def hold(self, key: str | None, models: Models) -> Models:
+        self.drop()
+        self.key, self.models = key, models
+        return models
+
+    def drop(self) -> None:
+        models, self.key, self.models = self.models, None, None
+        if models is not None:
+            release(models)
+
+
+RESIDENT = Resident()
+
+
+def release(models: Models) -> None:
+    """Drop the models and every compiled graph that references them."""
+    models.transformer = models.vae = None
+    drop_compiled()
+    gc.collect()
+    if models.device.type == "cuda":
+        torch.cuda.empty_cache()

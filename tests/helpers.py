@@ -1,0 +1,90 @@
+"""Shared test helpers: Hydra composition of the real configs, the text pass done two ways, and torchrun
+launches whose failures show every rank's whole output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from cosmos3_compiled.schema import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "cosmos3_compiled" / "conf"
+
+
+# ---- Hydra -------------------------------------------------------------------------------------------
+
+
+def compose_generate(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """The `generate` config composed from conf/ with the Compose API (as the CLI would, without running)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="generate", overrides=list(overrides or []),
+                       return_hydra_config=return_hydra_config)
+
+
+# ---- text pass two ways ------------------------------------------------------------------------------
+
+GRID = (2, 4, 6)  # latent frames, patch rows, patch columns of the branches' video part
+
+
+def text_kv_both_ways(one_at_a_time, layer_by_layer, prompts: list[torch.Tensor]):
+    """(branches filled by `one_at_a_time.text_pass` per prompt, branches filled by one
+    `layer_by_layer.text_passes` over all prompts); the two models may be one."""
+    one = [one_at_a_time.setup_branch(len(ids), GRID, fps=24.0) for ids in prompts]
+    for ids, branch in zip(prompts, one):
+        one_at_a_time.text_pass(ids, branch)
+    both = [layer_by_layer.setup_branch(len(ids), GRID, fps=24.0) for ids in prompts]
+    layer_by_layer.text_passes(list(zip(prompts, both)))
+    return one, both
+
+
+def same_text_kv(a, b) -> bool:
+    """Every K and V buffer of branches `a` equals (bit for bit) its counterpart in `b`."""
+    return all(torch.equal(ka, kb) and torch.equal(va, vb)
+               for x, y in zip(a, b, strict=True)
+               for ka, kb, va, vb in zip(x.k_bufs, y.k_bufs, x.v_bufs, y.v_bufs, strict=True))
+
+
+# ---- multi-process runs ------------------------------------------------------------------------------
+
+
+def subprocess_env() -> dict:
+    """The environment of a child run: this checkout first on the path, one thread per process."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+class Run:
+    """A finished multi-process run: the launcher's output and every rank's own log."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, log_dir: Path):
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        self.log_dir = log_dir
+
+    def rank_logs(self) -> str:
+        """Every file torchrun wrote per rank (stdout.log, stderr.log, error.json), whole, in rank order."""
+        parts = []
+        for path in sorted(p for p in self.log_dir.rglob("*") if p.is_file()):
+            parts.append(f"===== {path.relative_to(self.log_dir)} =====\n{path.read_text(errors='replace')}")
+        return "\n".join(parts) or f"(no per-rank logs under {self.log_dir})"
+
+    def report(self) -> str:
+        """For an assertion message: the exit status, the launcher's whole output and every rank's whole log."""
+        return (f"exit status {self.returncode}\n===== launcher stdout =====\n{self.stdout}\n"
+                f"===== launcher stderr =====\n{self.stderr}\n{self.rank_logs()}")
+
+
+def torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 240) -> Run:
+    """`torchrun --standalone --nproc-per-node N -m cosmos3_compiled.cli ARGS` in `cwd`. Every rank's stdout and
+    stderr also go whole to its own file (`--tee 3 --log-dir`), outside `cwd`, for `Run.report()`."""
+    log_dir = Path(cwd).parent / f"{Path(cwd).name}_torchrun_logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "--tee", "3", "--log-dir", str(log_dir), "-m", "cosmos3_compiled.cli", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return Run(proc, log_dir)
