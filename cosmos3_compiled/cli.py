@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .distributed import agree_run_dir
+from .errors import RequestError
+from .pipeline import generate
 from .schema import register_configs
 
 register_configs()
@@ -18,20 +23,12 @@ log = logging.getLogger("cosmos3_compiled")
 def main() -> None:
     """Console script. Under torchrun every rank runs the Hydra app; they first agree on rank 0's run
     directory (see `distributed.agree_run_dir`), so all ranks share one output folder."""
-    from .distributed import agree_run_dir
-
     sys.argv = [sys.argv[0], *agree_run_dir(sys.argv[1:])]
     hydra_main()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def hydra_main(cfg: DictConfig) -> str | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from .errors import RequestError
-    from .pipeline import generate
-
     out_dir = Path(cfg.output.dir) if cfg.output.dir else Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:

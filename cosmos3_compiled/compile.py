@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch._dynamo.utils import counters
 
 from .schema import CompileConfig
+
+log = logging.getLogger(__name__)
 
 # torch.compile modes by config name (schema.CompileMode); "eager" compiles nothing.
 MODES = {
@@ -39,15 +43,20 @@ def apply_inductor_flags(flags: dict) -> None:
         setattr(obj, leaf, value)
 
 
-def apply_compile(model: torch.nn.Module, settings: CompileConfig) -> torch.nn.Module:
-    """Compile the model's video step per `settings` (the schema's `compile` node, in place); returns the model."""
+def apply_compile(model: torch.nn.Module, settings: CompileConfig, backend: str = "inductor") -> torch.nn.Module:
+    """Compile the model's video step per `settings` (the schema's `compile` node, in place); returns the model.
+
+    `backend`: dynamo's backend; tests pass "eager" or "aot_eager" to check tracing without inductor's codegen.
+    """
     mode = MODES[_mode(settings.mode)]
     if mode is None:
         return model
     torch._dynamo.config.cache_size_limit = settings.recompile_limit
     torch._dynamo.config.recompile_limit = settings.recompile_limit
     apply_inductor_flags(dict(settings.inductor))
-    kwargs = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic, mode=mode)
+    kwargs = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic, backend=backend)
+    if backend == "inductor":
+        kwargs["mode"] = mode
     trees = mode in ("reduce-overhead", "max-autotune")  # inductor's cudagraph trees skip input-mutating graphs
     for m in model.modules():
         if hasattr(m, "accumulate_into_input"):
@@ -85,8 +94,6 @@ def reset_compile(model: torch.nn.Module) -> torch.nn.Module:
 def compile_counters() -> dict:
     """Graph breaks and graphs compiled so far in this process (dynamo's counters). Recompiles in steady
     state are the graphs compiled after warm-up: `stages/denoise.py` snapshots this around its loop."""
-    from torch._dynamo.utils import counters
-
     return {
         "graph_breaks": int(sum(counters["graph_break"].values())),
         "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
@@ -168,7 +175,7 @@ def apply_compile_text(model, mode) -> None:
         layer.text_forward = torch.compile(layer.text_forward, fullgraph=True, dynamic=False, mode=mode)
 
 
-def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts: bool = True) -> None:
+def apply_compile_vae(vae, mode, channels_last: bool = True, emulate_casts: bool = True, backend=None) -> None:
     """Compile the VAE's decode units (`vae.compile_units`, fullgraph); "eager" leaves them alone.
 
     channels_last: lay the decoder out channels_last_3d first (it pays only compiled; see the Wan2.2 VAE
@@ -176,12 +183,16 @@ def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts:
     eager would (`emulate_precision_casts`) instead of keeping fused elementwise chains in fp32, so a bf16
     compiled decode tracks the eager one (the VAE's own epilogues are already fp32 with one rounding, see
     vae.layers._finish). Every decode strategy (whole frames, `vae.tiles` column strips, row-parallel) calls
-    the same units; column strips compile them once per strip.
+    the same units; column strips compile them once per strip. `backend`: a dynamo backend other than
+    inductor (tests: "eager", a counter), with the layout left as it is.
     """
-    if mode == "eager":
+    mode = _mode(mode)
+    if MODES[mode] is None:
         return
-    if mode not in MODES or MODES[mode] is None:
-        raise ValueError(f"unknown VAE compile mode {mode!r}; choose eager or one of {', '.join(MODES)}")
+    if backend is not None:
+        for name in vae.compile_units:
+            setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, backend=backend))
+        return
     import torch._inductor.inductor_prims  # noqa: F401  (the units pin strides with its inductor_force_stride_order)
 
     if channels_last:
@@ -192,6 +203,12 @@ def apply_compile_vae(vae, mode: str, channels_last: bool = True, emulate_casts:
         options["emulate_precision_casts"] = True
     for name in vae.compile_units:
         setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, options=options))
+
+
+def reset_compile_vae(vae) -> None:
+    """Undo `apply_compile_vae`: the units are the class's methods again."""
+    for name in vae.compile_units:
+        vae.__dict__.pop(name, None)
 
 
 def make_step_runner(mode, step, warmup: int):
@@ -242,6 +259,7 @@ class CompilePlan:
         self.cache = CompileCache(settings.cache_dir) if settings.cache_dir else None
         self.buckets = ServedBuckets(settings.recompile_limit)
         self._at_start: dict = {}
+        self._at_warm: int | None = None
 
     @classmethod
     def from_config(cls, node) -> "CompilePlan":
@@ -263,6 +281,30 @@ class CompilePlan:
 
     def start_job(self) -> None:
         self._at_start = compile_counters()
+        self._at_warm = None
+
+    def admit(self, latent_shape: tuple, text_lens: list[int]) -> dict:
+        """Before a job's first step: record its shape bucket (resetting the compiled code first when it would
+        pass compile.recompile_limit) and say whether the first step compiles. Returns the bucket (metrics)."""
+        bucket = {"latent": list(latent_shape), "text": list(text_lens)}
+        known = self.buckets.knows(latent_shape, text_lens)
+        if self.buckets.add(latent_shape, text_lens):
+            log.info("compile=%s: this process served more request shapes than compile.recompile_limit allows: "
+                     "compiled graphs reset", self.mode)
+        elif self.compiles and known:
+            log.info("compile=%s: shape bucket %s already compiled in this process", self.mode, bucket)
+        if self.compiles and not known:
+            log.info("compile=%s: first step compiles shape bucket %s (one graph per branch text length)",
+                     self.mode, bucket)
+        return bucket
+
+    def warmed_up(self) -> None:
+        """Call after the job's last warm-up step: graphs compiled from here on are recompiles."""
+        self._at_warm = compile_counters()["unique_graphs"]
+
+    def steady_recompiles(self) -> int | None:
+        """Graphs compiled since `warmed_up` (None when the job never got past warm-up)."""
+        return None if self._at_warm is None else compile_counters()["unique_graphs"] - self._at_warm
 
     def finish_job(self, recompiles: int, save_cache: bool = True) -> dict:
         """This job's compile counters (metrics.json `compile`). When it compiled something new, the process

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .checkpoint import build_random, load_transformer, save_transformer
 from .checkpoint_io import CheckpointError, read_json, weight_files
@@ -106,11 +109,6 @@ def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dty
 
 def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0) -> Path:
     """Write the embedded default model as an official-layout checkpoint folder (fp32 safetensors)."""
-    import json
-    import shutil
-
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     cfg = preset(name)
     transformer = build_random(cfg, seed=seed, fuse=False)

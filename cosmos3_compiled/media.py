@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-# libx264 threads over whole frames: on the 16-core H100 host, 81 noise-like 1280x720 frames encode in 3.2-3.3 s
-# instead of 4.1-4.4 s with slice threading, and the save's tail after the VAE decode falls from 2.9 to 1.8 s
-# (tools/probe_x264.py; docs/benchmarks, Nano section 4, seventh pass). Two encodes of the same frames are
-# byte-identical at the sizes tested (96x128 and up). Frames of 64 px and below gave different bytes now and then
-# when other threads were allocating, with frame, slice or single-threaded x264 alike, and never with x264's
+# libx264 threads over whole frames: faster than slice threading for a clip's worth of frames on a many-core host
+# (tools/probe_x264.py; measured in docs/benchmarks, Nano section 4). Two encodes of the same frames are
+# byte-identical at the sizes tested (96x128 and up). Tiny frames (64 px and below) gave different bytes now and
+# then when other threads were allocating, with frame, slice or single-threaded x264 alike, and never with x264's
 # macroblock-tree rate control or its assembly turned off: x264 itself, not our threading.
 _X264_THREAD_TYPE = "FRAME"
 _BT601_MATRIX = 6  # AVCOL_SPC_SMPTE170M

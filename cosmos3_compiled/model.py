@@ -23,6 +23,7 @@ from torch import nn
 
 from . import attention, ops
 from .config import TransformerConfig
+from .errors import RequestError
 
 
 class RMSNorm(nn.Module):
@@ -74,9 +75,21 @@ class MLP(nn.Module):
         return F.silu(gate) * up
 
 
-def fused_qk_rope_supported(device: torch.device) -> bool:
-    """Whether the fused q/k-norm + RoPE + K/V-write kernel (`triton_kernels`) can run on `device`."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+def check_fused_qk_rope(device: torch.device, head_dim: int) -> None:
+    """Raise a one-line `RequestError` when the fused q/k-norm + RoPE + K/V-write kernel (`triton_kernels`)
+    cannot run on `device` for heads of `head_dim`."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        raise RequestError("model.fused_qk_rope=true needs device=cuda and Triton; use null (auto) or false")
+    if head_dim & (head_dim - 1):
+        raise RequestError(f"model.fused_qk_rope=true needs a power-of-two head_dim, got {head_dim}; use false")
+
+
+def fused_qk_rope_supported(device: torch.device, head_dim: int) -> bool:
+    try:
+        check_fused_qk_rope(device, head_dim)
+    except RequestError:
+        return False
+    return True
 
 
 def add_linear(h: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -350,11 +363,7 @@ class Cosmos3Transformer(nn.Module):
         """Run the video step's q/k RMSNorm, RoPE and K/V buffer writes as one Triton kernel
         (`triton_kernels.qk_norm_rope_kv`; CUDA and Triton needed) instead of the composable ops."""
         if enabled:
-            if not fused_qk_rope_supported(self.device):
-                raise RuntimeError("model.fused_qk_rope needs the model on a CUDA device and Triton installed")
-            d = self.cfg.head_dim
-            if d & (d - 1):
-                raise RuntimeError(f"model.fused_qk_rope needs a power-of-two head_dim, got {d}")
+            check_fused_qk_rope(self.device, self.cfg.head_dim)
             from . import triton_kernels  # noqa: F401  optional Triton: registers torch.ops.cosmos3.qk_norm_rope_kv
         for layer in self.layers:
             layer.fused_qk_rope = enabled

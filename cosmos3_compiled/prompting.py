@@ -312,18 +312,11 @@ def build_prompt_ids(
     """Token ids of the conditional and unconditional (negative) text, each ending in eos, <|vision_start|>.
 
     The two sequences have their own lengths (no padding). `num_frames == 1` selects image mode: image
-    system prompt and resolution sentence, no duration sentence. A None negative prompt counts as "".
+    system prompt and resolution sentence, no duration sentence. A None negative prompt counts as "". The
+    request was checked before (`request.build_request`: non-empty prompt, positive fps, 4k+1 frames).
     """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt is empty (got {prompt!r}); pass a text description of the video to generate")
     if negative_prompt is None:
         negative_prompt = ""
-    if not isinstance(negative_prompt, str):
-        raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if num_frames > 1 and add_duration_template and not fps > 0:
-        raise ValueError(f"fps must be > 0 to state the video duration, got {fps}")
 
     is_image = num_frames == 1
     system_prompt = SYSTEM_PROMPT_IMAGE if is_image else SYSTEM_PROMPT_VIDEO

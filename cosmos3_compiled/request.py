@@ -17,10 +17,10 @@ from PIL import Image
 
 from . import attention
 from .components import DTYPES, CheckpointSpec, read_checkpoint
-from .config import preset
+from .config import TransformerConfig, preset
 from .errors import RequestError
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, merge_schedule_overrides
-from .model import fused_qk_rope_supported
+from .model import check_fused_qk_rope, fused_qk_rope_supported
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ def build_request(cfg: DictConfig) -> Request:
     )
 
 
-def check_settings(cfg: DictConfig) -> Settings:
+def check_settings(cfg: DictConfig, model: TransformerConfig) -> Settings:
+    """`model`: the transformer's config (the checkpoint's, or the embedded preset's)."""
     device = torch.device(value(cfg.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RequestError("device=cuda but no CUDA device is available; use device=cpu")
@@ -129,9 +130,9 @@ def check_settings(cfg: DictConfig) -> Settings:
     if cfg.compile.pin_text_tower and not (cfg.compile.offload_text_tower and device.type == "cuda"):
         raise RequestError("compile.pin_text_tower=true needs compile.offload_text_tower=true and device=cuda")
     fused = cfg.model.fused_qk_rope
-    if fused and not fused_qk_rope_supported(device):
-        raise RequestError("model.fused_qk_rope=true needs device=cuda and Triton; use null (auto) or false")
-    fused = fused_qk_rope_supported(device) if fused is None else bool(fused)
+    if fused:
+        check_fused_qk_rope(device, model.head_dim)
+    fused = fused_qk_rope_supported(device, model.head_dim) if fused is None else bool(fused)
     tiles, latent_width = int(cfg.model.vae_tiles), int(cfg.width) // 16
     if not 1 <= tiles <= max(1, latent_width):
         raise RequestError(f"model.vae_tiles={tiles}: use 1 to {latent_width} (the latent width, width/16) strips")
@@ -139,8 +140,6 @@ def check_settings(cfg: DictConfig) -> Settings:
         raise RequestError("model.vae_tiles > 1 and parallel.vae_rows=true are two different decode splits: pick one")
     if not 0 <= cfg.output.crf <= 51:
         raise RequestError(f"output.crf={cfg.output.crf}: H.264 takes 0 (lossless) to 51")
-    if cfg.checkpoint is None:
-        preset(cfg.model.name)
     return Settings(device, dtype, vae_dtype, backend, fused, tiles)
 
 
@@ -163,9 +162,9 @@ def build_scheduler(cfg: DictConfig, checkpoint: CheckpointSpec | None) -> FlowU
 def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     """Every check, cheapest first; `writes`: this process writes the outputs (global rank 0)."""
     request = build_request(cfg)
-    settings = check_settings(cfg)
+    checkpoint = read_checkpoint(str(cfg.checkpoint)) if cfg.checkpoint is not None else None
+    settings = check_settings(cfg, preset(cfg.model.name) if checkpoint is None else checkpoint.transformer)
     out_dir = Path(out_dir)
     if writes:
         check_output_dir(out_dir)
-    checkpoint = read_checkpoint(str(cfg.checkpoint)) if cfg.checkpoint is not None else None
     return Job(request, settings, checkpoint, build_scheduler(cfg, checkpoint), out_dir)

@@ -165,12 +165,6 @@ def test_chat_template_raise_exception(variant_folder):
         ours.render_chat([{"role": "narrator", "content": "x"}])
 
 
-@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
-def test_empty_prompt_raises(prompt):
-    with pytest.raises(ValueError, match="prompt is empty"):
-        build_prompt_ids(PromptTokenizer.builtin(), prompt, None, num_frames=81, height=720, width=1280, fps=24.0)
-
-
 def test_missing_tokenizer_folder(tmp_path):
     missing = tmp_path / "nope" / "text_tokenizer"
     with pytest.raises(CheckpointError, match=str(missing)):

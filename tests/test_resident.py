@@ -68,7 +68,7 @@ def test_failed_job_frees_the_models(tmp_path, monkeypatch):
 def test_compiled_models_serve_a_known_shape_without_compiling(tmp_path, caplog):
     """compile=default on the CPU: the second job of the same shape compiles no graph (dynamo's counters) and
     its steps run under fail_on_recompile; a new text length compiles once and says so."""
-    caplog.set_level("INFO", logger="cosmos3_compiled.stages.denoise")
+    caplog.set_level("INFO", logger="cosmos3_compiled.compile")
     first = run(tmp_path, "a", "compile=default")
     assert first["compile"]["unique_graphs"] > 0
     second = run(tmp_path, "b", "compile=default", "seed=5")

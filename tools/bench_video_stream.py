@@ -7,7 +7,7 @@ The random-weight Nano video is noise-like, and libx264 (crf 18, preset medium) 
 slower than natural video, so the end-to-end benchmark's save tail says little about a real checkpoint. This
 script replays the decode's timing with chosen content: a video tensor [1, 3, F, H, W] on the GPU whose frames
 are "finished" one at a time by a GPU busy-wait (`torch.cuda._sleep`) paced like the compiled 720p VAE
-decode (--decode-s over all frames, default 2.8 s), so the CPU runs ahead and frames become ready on the GPU
+decode (--decode-s over all frames), so the CPU runs ahead and frames become ready on the GPU
 at the decode's pace, exactly as in `WanVAE.decode_frames(on_frames=...)`.
 
 Content: `noise` (uniform, like the random-weight output), `smooth` (moving gradients), `textured`
@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--decode-s", type=float, default=2.8, help="paced decode time over all frames (720p compiled VAE)")
+    ap.add_argument("--decode-s", type=float, default=2.8, help="paced decode time over all frames (set it to the compiled 720p VAE decode measured on the card)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None, help="folder for results.json (default: $OUT or a temp dir)")
     args = ap.parse_args()

@@ -3,7 +3,7 @@
 # whole-step CUDA graph, compiled VAE — as a two-job Hydra sweep in ONE process: job 0 loads and compiles
 # (cold process), job 1 is the next request served by the same process (`keep_loaded`: models resident).
 #   bash tools/gpu_bench_e2e.sh [cudnn|fa4] [extra overrides...]     (results in $OUT/e2e_<backend>/)
-# The <= 56 s per-request run of docs/benchmarks (Nano section 4, seventh pass):
+# The per-request run of docs/benchmarks (Nano section 4):
 #   bash tools/gpu_bench_e2e.sh fa4 seed=0,1,2 output.preset=faster
 set -u
 export PYTHONUNBUFFERED=1

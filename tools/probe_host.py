@@ -1,5 +1,5 @@
-"""Host-side probe on the lent GPU machine (numbers quoted in docs/benchmarks/cosmos3_nano_h100_20261126.md §4,
-"Sixth pass"): host-to-device bandwidth pageable vs pinned, the cost of page-locking 4 GiB three ways
+"""Host-side probe on the lent GPU machine (results in docs/benchmarks/cosmos3_nano_h100_20261126.md §4):
+host-to-device bandwidth pageable vs pinned, the cost of page-locking 4 GiB three ways
 (pin_memory per tensor, one pinned allocation, cudaHostRegister in place), and libx264 (crf 18) encode time
 of 81 frames at 1280x720 for noise and for a smooth synthetic video, slice vs frame threading.
 

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from cosmos3_compiled.compile import CompilePlan, compile_counters
+from cosmos3_compiled.compile import CompilePlan
 from cosmos3_compiled.model import Branch, Cosmos3Transformer
 from cosmos3_compiled.progress import progress
 from cosmos3_compiled.scheduler import UniPCRun
@@ -56,10 +56,11 @@ class DenoiseStep:
 class Denoise:
     """Reads latents, branches, run; writes latents (in place), metrics["steps"], ["shape_bucket"]; frees branches.
 
-    `plan` gives the per-step runner (eager, steady-state guard or whole-step CUDA graph) and the shape buckets
-    compiled so far. `cfg_gather`: this rank holds one CFG branch and gathers the other's velocity. `batch_cfg`:
-    run both branches as one batch (only when both are on this rank, with whole-sequence tokens). `warmup_steps`:
-    this job's steps before the steady state (compile.warmup_steps; resident models serve jobs with any value).
+    `plan` gives the per-step runner (eager, steady-state guard or whole-step CUDA graph), admits the request's
+    shape bucket and counts recompiles after warm-up. `cfg_gather`: this rank holds one CFG branch and gathers
+    the other's velocity. `batch_cfg`: run both branches as one batch (only when both are on this rank, with
+    whole-sequence tokens). `warmup_steps`: this job's steps before the steady state (compile.warmup_steps;
+    resident models serve jobs with any value).
     """
 
     def __init__(self, transformer: Cosmos3Transformer, plan: CompilePlan, warmup_steps: int = 1, cfg_gather=None,
@@ -72,31 +73,21 @@ class Denoise:
         plan, run = self.plan, state.run
         step = DenoiseStep(self.model, run, state.branches, state.latents, state.request.guidance_scale,
                            cfg_gather=self.cfg_gather if state.request.use_cfg else None, batch_cfg=self.batch_cfg)
-        latent, text = state.request.latent_shape, [b.text_len for b in state.branches]
-        state.metrics["shape_bucket"] = {"latent": list(latent), "text": text}
-        known = plan.buckets.knows(latent, text)
-        if plan.buckets.add(latent, text):
-            log.info("compile=%s: this process served more request shapes than compile.recompile_limit allows: "
-                     "compiled graphs reset", plan.mode)
-        if plan.compiles:
-            log.info("compile=%s: %s", plan.mode,
-                     f"shape bucket {state.metrics['shape_bucket']} already compiled in this process" if known else
-                     f"first step compiles shape bucket {state.metrics['shape_bucket']} (one graph per branch text "
-                     "length)")
+        state.metrics["shape_bucket"] = plan.admit(state.request.latent_shape, [b.text_len for b in state.branches])
         runner = plan.step_runner(step, self.warmup)
         timesteps = state.timesteps.to(torch.float32)
         timer = StepTimer(state.latents.device)
-        graphs_after_warmup = None
         for i in progress(range(len(timesteps)), desc="denoise", total=len(timesteps)):
             step.timestep.copy_(timesteps[i])  # host → device, no sync on the device side
             run.load_(i)
             with timer:
                 runner()
             if i + 1 == max(1, self.warmup):
-                graphs_after_warmup = compile_counters()["unique_graphs"]
+                plan.warmed_up()
         state.metrics["steps"] = timer.summary()
-        if graphs_after_warmup is not None:  # graphs compiled in steady state = recompiles
-            state.metrics["steps"]["recompiles_after_warmup"] = compile_counters()["unique_graphs"] - graphs_after_warmup
+        recompiles = plan.steady_recompiles()
+        if recompiles is not None:
+            state.metrics["steps"]["recompiles_after_warmup"] = recompiles
         state.branches = []  # the K/V buffers are not needed past the last step: free them before decode
         log_checksum(log, "final latents", state.latents)
         return state
