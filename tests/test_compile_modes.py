@@ -72,3 +72,23 @@ def test_recompile_in_steady_state_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Cosmos3Transformer, "forward", shape_shift)
     with pytest.raises(Exception, match="(?i)recompil"):
         generate(compose_generate(SMALL + ["compile=default"]), tmp_path)
+
+
+def test_only_the_writing_rank_saves_the_compile_cache(tmp_path, monkeypatch):
+    """Ranks sharing compile.cache_dir once raced on one temporary file (one rank's rename found it gone and the
+    rank died; its peer then failed in the teardown barrier): now only the writer saves, under a per-process name."""
+    from cosmos3_compiled import compile as compile_mod
+    from cosmos3_compiled.compile import CompilePlan
+    from cosmos3_compiled.schema import CompileConfig
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # restored after the test
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
+    plan = CompilePlan.from_config(CompileConfig(mode="default", cache_dir=str(tmp_path / "cache")))
+    plan.start_job()
+    monkeypatch.setattr(compile_mod, "compile_counters", lambda: {"graph_breaks": 0, "unique_graphs": 3})
+    assert plan.finish_job(0, save_cache=False)["unique_graphs"] == 3
+    assert not list((tmp_path / "cache").glob("cache_artifacts*"))
+    plan.finish_job(0, save_cache=True)
+    assert (tmp_path / "cache" / "cache_artifacts.bin").read_bytes() == b"artifacts"
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_file()] == ["cache_artifacts.bin"]
