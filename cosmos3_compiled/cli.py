@@ -39,6 +39,9 @@ def hydra_main(cfg: DictConfig) -> str | None:
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # the stages already stopped the encoder and removed partial outputs
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     for name, path in state.outputs.items():
         log.info("%s: %s", name, path)
     if state.sha256 is not None:  # global rank 0 only under torchrun

@@ -264,6 +264,13 @@ def is_parallel(parallel_cfg) -> bool:
     return bool(parallel_cfg.cfg) or int(parallel_cfg.ulysses) != 1 or world_size() > 1
 
 
+def resolve_backend(backend: str | None, device_kind: str) -> str:
+    """parallel.backend, or (null) the one that follows the device: nccl on CUDA, gloo on the CPU."""
+    backend = backend or ("nccl" if device_kind == "cuda" else "gloo")
+    check_backend(backend, device_kind)
+    return backend
+
+
 def check_backend(backend: str, device_kind: str) -> None:
     if backend == "nccl" and device_kind != "cuda":
         raise ParallelError("parallel.backend=nccl needs device=cuda; use parallel.backend=gloo on the CPU")
@@ -289,8 +296,7 @@ def init_parallel(parallel_cfg, device_kind: str) -> Parallel | None:
             f"`torchrun --nproc-per-node {max(need, 2)} -m cosmos3_compiled.cli ...`"
         )
     cfg_size, degree = layout(bool(parallel_cfg.cfg), int(parallel_cfg.ulysses), world)
-    backend = str(parallel_cfg.backend)
-    check_backend(backend, device_kind)
+    backend = resolve_backend(parallel_cfg.backend, device_kind)
     device = select_device(device_kind)
     if not dist.is_initialized():
         store = dist.PrefixStore(f"cosmos3_pg{_generation}/", rendezvous_store())

@@ -7,18 +7,20 @@ wrong raises `RequestError` with one line.
 
 from __future__ import annotations
 
+import difflib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from . import attention
 from .components import DTYPES, CheckpointSpec, read_checkpoint
 from .config import TransformerConfig, preset
 from .errors import RequestError
+from .schema import unknown_keys
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, merge_schedule_overrides
 from .model import check_fused_qk_rope, fused_qk_rope_supported
 
@@ -81,6 +83,18 @@ class Job:
 def value(x):
     """An OmegaConf enum node's plain value."""
     return x.value if hasattr(x, "value") else x
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not declare, however they were added (`+promt=...` included)."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        key = unknown[0]
+        parent, _, leaf = key.rpartition(".")
+        known = (OmegaConf.select(cfg, parent) if parent else cfg).keys()
+        near = difflib.get_close_matches(leaf, [str(k) for k in known if str(k) != leaf], n=1)
+        hint = f"; did you mean {parent + '.' if parent else ''}{near[0]}?" if near else ""
+        raise RequestError(f"unknown setting {key!r} (not in the config schema){hint}")
 
 
 def build_request(cfg: DictConfig) -> Request:
@@ -161,6 +175,7 @@ def build_scheduler(cfg: DictConfig, checkpoint: CheckpointSpec | None) -> FlowU
 
 def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     """Every check, cheapest first; `writes`: this process writes the outputs (global rank 0)."""
+    check_keys(cfg)
     request = build_request(cfg)
     checkpoint = read_checkpoint(str(cfg.checkpoint)) if cfg.checkpoint is not None else None
     settings = check_settings(cfg, preset(cfg.model.name) if checkpoint is None else checkpoint.transformer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -101,7 +103,7 @@ class CompileConfig:
 class ParallelConfig:
     cfg: bool = False
     ulysses: int = 1
-    backend: str = "nccl"
+    backend: Optional[str] = None
     vae_rows: bool = False
 
 
@@ -134,6 +136,21 @@ class GenerateConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def unknown_keys(node, schema: type = None, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config that the schema does not declare (Hydra's `+key=value` adds them to a
+    structured config silently). Free-form dict fields (`compile.inductor`) are not walked."""
+    schema = schema or GenerateConfig
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            found.append(dotted)
+        elif dataclasses.is_dataclass(hints[key]):
+            found += unknown_keys(node[key], hints[key], dotted + ".")
+    return found
 
 
 def register_configs() -> None:
