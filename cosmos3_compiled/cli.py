@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -20,10 +21,31 @@ register_configs()
 log = logging.getLogger("cosmos3_compiled")
 
 
+FREE_TEXT = ("prompt", "negative_prompt")
+
+
+def quote_free_text(argv: list[str]) -> list[str]:
+    """`prompt=` and `negative_prompt=` values are free text: quote them for Hydra's override grammar so commas,
+    apostrophes, quotes and parentheses arrive verbatim. Under `-m`, a value that already starts with a quote is
+    left to Hydra (that is how a sweep lists prompts: `-m "prompt='a fox','a cat'"`)."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") in FREE_TEXT and not (multirun and value[:1] in ("'", '"')):
+            # Hydra reads a backslash as an escape only before a quote or at the end: double just those; and a
+            # literal "${" is not an interpolation
+            value = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+            value = value.replace("${", "\\${")
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     """Console script. Under torchrun every rank runs the Hydra app; they first agree on rank 0's run
     directory (see `distributed.agree_run_dir`), so all ranks share one output folder."""
-    sys.argv = [sys.argv[0], *agree_run_dir(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *agree_run_dir(quote_free_text(sys.argv[1:]))]
     hydra_main()
 
 

@@ -103,7 +103,14 @@ def build_request(cfg: DictConfig) -> Request:
         raise RequestError(f"height and width must be positive multiples of 16, got height={h} width={w}")
     if f < 1 or (f - 1) % 4:
         raise RequestError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81, ...), got {f}")
-    if not str(cfg.prompt).strip():
+    prompt = str(cfg.prompt)
+    if cfg.prompt_file is not None:
+        path = Path(str(cfg.prompt_file)).expanduser()
+        try:
+            prompt = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as err:
+            raise RequestError(f"prompt_file {path} cannot be read as UTF-8 text ({err})") from None
+    if not prompt.strip():
         raise RequestError("prompt is empty: pass prompt='...'")
     if fps <= 0:
         raise RequestError(f"fps must be positive, got {fps}")
@@ -123,7 +130,7 @@ def build_request(cfg: DictConfig) -> Request:
         if f == 1:
             raise RequestError("image conditioning needs num_frames > 1 (with num_frames=1 the reference ignores it)")
     return Request(
-        prompt=str(cfg.prompt), negative_prompt=str(cfg.negative_prompt or ""), height=h, width=w, num_frames=f,
+        prompt=prompt, negative_prompt=str(cfg.negative_prompt or ""), height=h, width=w, num_frames=f,
         fps=fps, seed=int(cfg.seed), num_inference_steps=steps, guidance_scale=float(cfg.sampler.guidance_scale),
         image=image, use_system_prompt=bool(cfg.sampler.use_system_prompt),
     )

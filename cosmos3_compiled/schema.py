@@ -122,6 +122,7 @@ class GenerateConfig:
     checkpoint: Optional[str] = None
     prompt: str = "A red fox trots through fresh snow at dawn, steam rising from its breath."
     negative_prompt: str = ""
+    prompt_file: Optional[str] = None
     image: Optional[str] = None
     height: int = II("model.height")
     width: int = II("model.width")

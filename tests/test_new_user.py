@@ -53,3 +53,27 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
         cli.main()
     assert info.value.code == 130
     assert capsys.readouterr().err.strip() == "error: interrupted"
+
+
+@pytest.mark.parametrize("text", ["blurry, low quality", "A fox's tail, at dawn (slow)", 'say "hi" = ok \\ back\\',
+                                  "ends with a backslash \\", "it''s [a, b] {c: d} $5 ${x}", "a\\'b"])
+def test_prompts_arrive_verbatim(text):
+    """What the shell hands over for prompt= / negative_prompt= is the prompt, whatever characters it holds."""
+    args = cli.quote_free_text([f"prompt={text}", f"negative_prompt={text}", "seed=3"])
+    cfg = compose_generate(args)
+    assert cfg.prompt == text and cfg.negative_prompt == text and cfg.seed == 3
+
+
+def test_a_prompt_sweep_keeps_hydra_syntax():
+    args = cli.quote_free_text(["-m", "prompt='a fox','a cat'"])
+    assert args == ["-m", "prompt='a fox','a cat'"]
+
+
+def test_prompt_file_replaces_prompt(tmp_path):
+    from cosmos3_compiled.request import build_request
+
+    path = tmp_path / "prompt.txt"
+    path.write_text("A fox's tail,\nat dawn (slow)\n", encoding="utf-8")
+    assert build_request(compose_generate([f"prompt_file={path}"])).prompt == "A fox's tail,\nat dawn (slow)"
+    with pytest.raises(RequestError, match="cannot be read"):
+        build_request(compose_generate([f"prompt_file={tmp_path / 'missing.txt'}"]))
