@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .errors import RequestError
-
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint_io import read_json
+from .errors import RequestError
 
 
 ConfigError = RequestError  # the one user-error type (errors.py)
@@ -97,13 +97,15 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> TransformerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _typed(k, v, hints[k]) for k, v in raw.items() if k in hints and v is not None}
         axes = raw.get("rope_axes_dim")
         if axes is None and isinstance(raw.get("rope_scaling"), dict):
             axes = raw["rope_scaling"].get("mrope_section")
         if axes is not None:
-            kwargs["rope_axes_dim"] = tuple(int(a) for a in axes)
+            if not isinstance(axes, (list, tuple)) or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+                raise ConfigError(f"rope_axes_dim must be a list of 3 integers, got {axes!r}")
+            kwargs["rope_axes_dim"] = tuple(axes)
         return cls(**kwargs)
 
     @classmethod
@@ -118,6 +120,18 @@ class TransformerConfig:
         d = dataclasses.asdict(self)
         d["rope_axes_dim"] = list(self.rope_axes_dim)
         return d
+
+
+def _typed(key: str, value, kind):
+    """A config.json value checked against the field's type (JSON ints count as floats), else one line."""
+    if typing.get_origin(kind) is tuple:
+        return value  # rope_axes_dim: checked by from_dict
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
 
 
 _DEBUG = TransformerConfig(

@@ -77,3 +77,18 @@ def test_prompt_file_replaces_prompt(tmp_path):
     assert build_request(compose_generate([f"prompt_file={path}"])).prompt == "A fox's tail,\nat dawn (slow)"
     with pytest.raises(RequestError, match="cannot be read"):
         build_request(compose_generate([f"prompt_file={tmp_path / 'missing.txt'}"]))
+
+
+def test_a_wrongly_typed_transformer_config_value_is_one_line(tmp_path):
+    import json
+
+    from cosmos3_compiled.components import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "ckpt", "debug", seed=0)
+    path = folder / "transformer" / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "hidden_size": "64"}))
+    with pytest.raises(RequestError) as info:
+        generate(compose_generate([f"checkpoint={folder}"]), tmp_path / "out")
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and "hidden_size must be int, got '64' (str)" in msg
