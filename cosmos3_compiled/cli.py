@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -22,6 +23,24 @@ log = logging.getLogger("cosmos3_compiled")
 
 
 FREE_TEXT = ("prompt", "negative_prompt")
+FAILED = "failed.txt"  # in a sweep job's directory: the one-line reason it failed
+
+
+class SweepSummary(Callback):
+    """At the end of a sweep (`-m`): "N of M jobs failed", each failed job's directory and one-line reason, and
+    a non-zero exit. Jobs are counted by their directories (each holds Hydra's `.hydra/`), so this also sees
+    jobs that a launcher ran in other processes."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        jobs = sorted({p.parent.parent for p in sweep.glob(f"**/{config.hydra.output_subdir}/config.yaml")})
+        failed = [j for j in jobs if (j / FAILED).is_file()]
+        if not failed:
+            return
+        lines = [f"{len(failed)} of {len(jobs)} jobs failed:"]
+        lines += [f"  {j}: {(j / FAILED).read_text().strip()}" for j in failed]
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(1)
 
 
 def quote_free_text(argv: list[str]) -> list[str]:
@@ -55,12 +74,22 @@ def hydra_main(cfg: DictConfig) -> str | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         state = generate(cfg, out_dir)
-    except RequestError as err:
-        if multirun:  # let Hydra record the failure; the sweep's other jobs still run
-            log.error("job failed: %s", err)
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Exception as err:
+        if not multirun:
+            if not isinstance(err, RequestError):
+                raise  # a bug: its traceback helps
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        # a sweep's other jobs still run; `SweepSummary` reports this one at the end
+        reason = str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
+        if isinstance(err, RequestError):
+            log.error("job failed: %s", reason)
+        else:
+            log.exception("job failed: %s", reason)
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / FAILED).write_text(reason.splitlines()[0] + "\n")
+        return None
     except KeyboardInterrupt:  # the stages already stopped the encoder and removed partial outputs
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
