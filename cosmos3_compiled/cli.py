@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -61,10 +62,32 @@ def quote_free_text(argv: list[str]) -> list[str]:
     return out
 
 
+def run_dir_overrides(argv: list[str]) -> list[str]:
+    """A single run with `output.dir=X` uses X as Hydra's run directory too (its `.hydra/` and `cli.log` go there,
+    nothing appears under ./outputs). Then, before Hydra creates anything, the run directory's nearest existing
+    folder must be writable, else one line and exit 2."""
+    named = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in argv if "=" in a}
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if not multirun and "output.dir" in named and "hydra.run.dir" not in named:
+        argv = [*argv, f"hydra.run.dir={named['output.dir']}"]
+        named["hydra.run.dir"] = named["output.dir"]
+    target = Path(named.get("hydra.sweep.dir" if multirun else "hydra.run.dir", "multirun" if multirun else "outputs"))
+    existing = next(p for p in (target.absolute(), *target.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        print(f"error: cannot create the run directory {target} ({existing} is not writable); pass "
+              f"output.dir=<a writable folder>", file=sys.stderr)
+        raise SystemExit(2)
+    return argv
+
+
 def main() -> None:
     """Console script. Under torchrun every rank runs the Hydra app; they first agree on rank 0's run
     directory (see `distributed.agree_run_dir`), so all ranks share one output folder."""
-    sys.argv = [sys.argv[0], *agree_run_dir(quote_free_text(sys.argv[1:]))]
+    argv = quote_free_text(sys.argv[1:])
+    if any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") or a.startswith("--shell-completion") for a in argv):
+        sys.argv = [sys.argv[0], *argv]  # nothing is run: no run directory
+    else:
+        sys.argv = [sys.argv[0], *run_dir_overrides(agree_run_dir(argv))]
     hydra_main()
 
 

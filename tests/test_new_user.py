@@ -92,3 +92,20 @@ def test_a_wrongly_typed_transformer_config_value_is_one_line(tmp_path):
         generate(compose_generate([f"checkpoint={folder}"]), tmp_path / "out")
     msg = str(info.value)
     assert "\n" not in msg and str(path) in msg and "hidden_size must be int, got '64' (str)" in msg
+
+
+def test_output_dir_is_the_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cli.run_dir_overrides([f"output.dir={tmp_path / 'x'}", "seed=1"])
+    assert args[-1] == f"hydra.run.dir={tmp_path / 'x'}"  # .hydra/ and cli.log next to the outputs, no ./outputs
+    assert cli.run_dir_overrides(["-m", "output.dir=y"]) == ["-m", "output.dir=y"]  # a sweep keeps its job dirs
+
+
+def test_an_unwritable_working_directory_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # as a non-root user in a read-only folder
+    with pytest.raises(SystemExit) as info:
+        cli.run_dir_overrides(["seed=1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not writable" in err and "output.dir=" in err
