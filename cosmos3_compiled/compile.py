@@ -193,7 +193,7 @@ def apply_compile_vae(vae, mode, channels_last: bool = True, emulate_casts: bool
         for name in vae.compile_units:
             setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, dynamic=False, backend=backend))
         return
-    import torch._inductor.inductor_prims  # noqa: F401  (the units pin strides with its inductor_force_stride_order)
+    from torch._inductor import inductor_prims  # noqa: F401  (the units pin strides with its inductor_force_stride_order)
 
     if channels_last:
         vae.apply_channels_last_3d()

@@ -5,28 +5,14 @@ from __future__ import annotations
 import types
 
 import torch
-
-
-def randomize_norms_(module: torch.nn.Module, seed: int = 1) -> None:
-    """Move every norm weight away from 1 so a missed or misplaced norm shows up."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and p.ndim == 1:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+from helpers import randomize_
 
 
 def build_reference_transformer(seed: int = 0, **config):
+    """diffusers' Cosmos3OmniTransformer with every weight drawn by `helpers.randomize_` (every path matters)."""
     from diffusers import Cosmos3OmniTransformer
 
-    torch.manual_seed(seed)
-    model = Cosmos3OmniTransformer(**config)
-    randomize_norms_(model, seed + 1)
-    with torch.no_grad():  # biases/weights large enough that every path matters
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embed" not in name and "norm" not in name:
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
-    return model.eval()
+    return randomize_(Cosmos3OmniTransformer(**config), seed).eval()
 
 
 def reference_velocity(model, input_ids: list[int], latents: torch.Tensor, timestep: int, fps: float,

@@ -1,8 +1,9 @@
-"""Shared test helpers: Hydra composition of the real configs, the text pass done two ways, and torchrun
-launches whose failures show every rank's whole output."""
+"""Shared test helpers: Hydra composition of the real configs, seeded random weights for the reference (diffusers)
+models, the text pass done two ways, and torchrun launches whose failures show every rank's whole output."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,32 @@ def compose_generate(overrides: list[str] | None = None, return_hydra_config: bo
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="generate", overrides=list(overrides or []),
                        return_hydra_config=return_hydra_config)
+
+
+# ---- random weights of reference models ----------------------------------------------------------------
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int, bias_std: float = 0.05) -> torch.nn.Module:
+    """Every parameter of a reference (diffusers) model drawn from one seeded generator, random but not trivial:
+    norm gains (RMSNorm `*norm*.weight`, the VAE's `gamma`) 1 + 0.3·N(0, 1), so a norm skipped or applied twice
+    shows up; token embeddings N(0, 1); other weights N(0, 1/fan_in), so activations stay O(1) through the
+    layers; biases `bias_std`·N(0, 1), non-zero and different per channel. Our own models get the product's
+    `checkpoint.init_random_` / `components.init_vae_random_`; a parity test hands the reference's weights to
+    ours through the official checkpoint layout."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "gamma" or (leaf == "weight" and p.ndim == 1 and "norm" in name):
+            p.copy_(1.0 + 0.3 * noise)
+        elif "embed_tokens" in name:
+            p.copy_(noise)
+        elif p.ndim >= 2:
+            p.copy_(noise / math.sqrt(p[0].numel()))
+        else:
+            p.copy_(bias_std * noise)
+    return module
 
 
 # ---- text pass two ways ------------------------------------------------------------------------------

@@ -7,22 +7,22 @@ pipeline on it, and compare our engine against it:
     folder = make_reference_checkpoint(tmp_path / "ckpt")
     pipe = load_reference_pipeline(folder)
 
-Weights are random but not trivial: every RMSNorm / VAE gamma is 1 + 0.3·N(0,1) (a norm that is
-skipped or applied twice shows up), Linear weights have std 1/sqrt(fan_in) so activations stay O(1)
-through the layers, biases and latents_mean/std are non-zero and different per channel.
+Weights are random but not trivial (`helpers.randomize_`: norm gains away from 1, weights of std
+1/sqrt(fan_in), non-zero biases); latents_mean/std are non-zero and different per channel. The scheduler
+is the published Cosmos3 one (`scheduler.COSMOS3_SCHEDULER_CONFIG`) or its shifted-sigma variant.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
+from helpers import randomize_
 
 from cosmos3_compiled.prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
+from cosmos3_compiled.scheduler import COSMOS3_SCHEDULER_CONFIG
 from cosmos3_compiled.vae import wan22_config
 
 LATENT_CHANNELS = 48  # Wan2.2 VAE z_dim; the transformer's patch features are 48·2·2 = 192
@@ -36,53 +36,14 @@ def builtin_vocab_size(multiple: int = 64) -> int:
 
 def scheduler_config(sigma_schedule: str = "karras") -> dict:
     """UniPC flow-matching settings: published Cosmos3 ("karras") or sglang's shifted flow sigmas ("shift")."""
-    common = dict(
-        num_train_timesteps=1000,
-        solver_order=2,
-        solver_type="bh2",
-        prediction_type="flow_prediction",
-        predict_x0=True,
-        thresholding=False,
-        lower_order_final=True,
-        disable_corrector=[],
-        use_flow_sigmas=True,
-        final_sigmas_type="zero",
-        timestep_spacing="linspace",
-        # Karras flow sigmas ignore flow_shift; a non-trivial value makes a scheduler that applies it anyway fail.
-        flow_shift=10.0,
-    )
+    # Karras flow sigmas ignore flow_shift; a non-trivial value makes a scheduler that applies it anyway fail.
+    published = {k: v for k, v in COSMOS3_SCHEDULER_CONFIG.items() if not k.startswith("_")}
     if sigma_schedule == "karras":
-        return {**common, "use_karras_sigmas": True, "sigma_min": 0.147, "sigma_max": 200.0}
-    if sigma_schedule == "shift":
-        return {**common, "use_karras_sigmas": False}
+        return {**published, "flow_shift": 10.0}
+    if sigma_schedule == "shift":  # no Karras range left in the file
+        shifted = {k: v for k, v in published.items() if k not in ("sigma_min", "sigma_max")}
+        return {**shifted, "use_karras_sigmas": False, "flow_shift": 10.0}
     raise ValueError(f"sigma_schedule must be 'karras' or 'shift', got {sigma_schedule!r}")
-
-
-@torch.no_grad()
-def _randomize_transformer(model: nn.Module, gen: torch.Generator) -> None:
-    for name, p in model.named_parameters():
-        if p.ndim == 1 and "norm" in name:
-            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-        elif name.endswith("embed_tokens.weight"):
-            p.copy_(torch.randn(p.shape, generator=gen))
-        elif p.ndim == 2:
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-        elif p.ndim == 1:  # biases
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        else:
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-
-
-@torch.no_grad()
-def _randomize_vae(vae: nn.Module, gen: torch.Generator) -> None:
-    for name, p in vae.named_parameters():
-        if name.endswith("gamma"):
-            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-        elif p.ndim == 1:  # conv / norm biases
-            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-        else:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
 
 
 def make_reference_checkpoint(
@@ -116,7 +77,7 @@ def make_reference_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     if vocab_size is None:
         vocab_size = builtin_vocab_size()
-    gen = torch.Generator("cpu").manual_seed(seed)
+    gen = torch.Generator("cpu").manual_seed(seed)  # latent statistics; the weights: randomize_
 
     transformer = Cosmos3OmniTransformer(
         head_dim=head_dim,
@@ -133,7 +94,7 @@ def make_reference_checkpoint(
         latent_channel=LATENT_CHANNELS,
         patch_latent_dim=LATENT_CHANNELS * 4,
     ).float()
-    _randomize_transformer(transformer, gen)
+    randomize_(transformer, seed)
 
     latents_mean = (0.5 * torch.randn(LATENT_CHANNELS, generator=gen)).tolist()
     latents_std = (0.5 + torch.rand(LATENT_CHANNELS, generator=gen)).tolist()
@@ -143,7 +104,7 @@ def make_reference_checkpoint(
         latents_mean=latents_mean,
         latents_std=latents_std,
     ).float()
-    _randomize_vae(vae, gen)
+    randomize_(vae, seed + 1)
 
     scheduler = UniPCMultistepScheduler(**scheduler_config(sigma_schedule))
     text_tokenizer = AutoTokenizer.from_pretrained(BUILTIN_TOKENIZER_DIR)

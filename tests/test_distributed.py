@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 
 from cosmos3_compiled import distributed
 from cosmos3_compiled.checkpoint import build_random
+from cosmos3_compiled.compile import apply_compile
 from cosmos3_compiled.config import preset
 from cosmos3_compiled.distributed import ParallelError, Ulysses, layout
 from cosmos3_compiled.pipeline import generate
+from cosmos3_compiled.schema import CompileConfig
 from cosmos3_compiled.vae import RowSplit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +76,7 @@ def test_parallel_without_torchrun_fails_in_one_line(overrides, message, tmp_pat
 
 def test_nccl_on_cpu_is_rejected(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = compose_generate(["parallel=cfg"])
+    cfg = compose_generate(["parallel=cfg", "parallel.backend=nccl"])  # asked for (null follows the device)
     with pytest.raises(ParallelError, match="parallel.backend=nccl needs device=cuda; use parallel.backend=gloo"):
         distributed.init_parallel(cfg.parallel, "cpu")
 
@@ -134,16 +136,13 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             branches = _setup(model, ids)
             assert branches[0].k_bufs[0].shape == (1, TEXT_LENS[0] + 18, 16)  # 1 of 2 kv heads, every token
             assert branches[0].cos.shape[0] == 9  # this rank's tokens
-            run = model
-            if scope == "full":
-                run = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
-            elif scope == "blocks":
-                for layer in model.layers:
-                    layer.compile(fullgraph=True, backend="aot_eager", dynamic=False)
+            if scope != "eager":  # the product's compile, in place (scope "full": `model.compile`)
+                apply_compile(model, CompileConfig(mode="default", scope=scope, fullgraph=True, dynamic=False),
+                              backend="aot_eager")
             for b in branches:  # warm-up: one graph per text length
-                run(latents, torch.tensor(timesteps[0]), b)
+                model(latents, torch.tensor(timesteps[0]), b)
             with torch.compiler.set_stance("fail_on_recompile"), torch._dynamo.config.patch(error_on_recompile=True):
-                results[scope] = {t: [run(latents, torch.tensor(t), b) for b in branches] for t in timesteps}
+                results[scope] = {t: [model(latents, torch.tensor(t), b) for b in branches] for t in timesteps}
             report[f"{scope}_graph_breaks"] = sum(counters["graph_break"].values())
             report[f"{scope}_unique_graphs"] = counters["stats"]["unique_graphs"]
         eager = results["eager"]

@@ -11,7 +11,7 @@ PACKAGE = ROOT / "cosmos3_compiled"
 # imported where first needed: optional extras (flash-attn-4, submitit, Triton) and inductor, which an eager
 # run never loads
 LAZY = {"flash_attn.cute", "submitit.helpers", "triton_kernels", "torch._inductor.config",
-        "torch._inductor.inductor_prims"}
+        "torch._inductor"}  # `from torch._inductor import inductor_prims`: registers a lowering when imported
 
 
 def _imports(tree: ast.AST) -> list[tuple[ast.AST, str]]:

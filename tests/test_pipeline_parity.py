@@ -22,7 +22,7 @@ CASES = {
                            fps=24.0, steps=3, guidance=3.0)),
     "i2v": ("karras", dict(prompt="the scene comes alive", negative_prompt="static", height=48, width=64,
                            num_frames=5, fps=30.0, steps=3, guidance=4.0, image=True)),
-    # both CFG branches through the linears as one batch (model.batch_cfg), GQA folded into plain MHA
+    # both CFG branches through the linears as one batch (model.batch_cfg)
     "t2v_batched_cfg": ("karras", dict(prompt="A red fox in the snow.", negative_prompt="blurry", height=48, width=80,
                                        num_frames=5, fps=16.0, steps=3, guidance=4.0,
                                        extra=["model.batch_cfg=true"])),

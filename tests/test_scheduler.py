@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from cosmos3_compiled.compile import capture_cuda_graph
 from cosmos3_compiled.scheduler import (
     COSMOS3_SCHEDULER_CONFIG,
     FlowUniPCScheduler,
@@ -178,16 +179,9 @@ def test_step_replays_in_cuda_graph():
     v = torch.zeros(SHAPE, device=device)
     step_fn = torch.compile(run.step_, fullgraph=True)
     run.load_(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        for _ in range(2):
-            step_fn(v, x.clone())
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step_fn(v, x)
-    run.history.zero_()  # the warm-up steps wrote into the history
+    # the product's capture: one real call on a side stream (compiles outside the capture), then the capture
+    graph, _ = capture_cuda_graph(lambda: step_fn(v, x))
+    run.history.zero_()  # the warm-up call wrote into the history, the last sample and x
     run.last_sample.zero_()
     x.copy_(start)
     for i in range(n):

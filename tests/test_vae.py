@@ -8,10 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_
 from safetensors.torch import load_file, save_file
 from torch._dynamo.testing import CompileCounter
 
 from cosmos3_compiled.checkpoint_io import CheckpointError
+from cosmos3_compiled.compile import apply_compile_vae, reset_compile_vae
 from cosmos3_compiled.postprocess import to_float_frames, to_uint8_frames, to_unit_range_
 from cosmos3_compiled.progress import set_progress_enabled
 from cosmos3_compiled.vae import load_vae, wan22_config
@@ -29,14 +31,8 @@ def _reference_vae(seed: int = 0):
     std = (0.5 + torch.rand(Z, generator=g)).tolist()
     ref = diffusers.AutoencoderKLWan(
         **wan22_config(base_dim=8, decoder_base_dim=8, z_dim=Z), latents_mean=mean, latents_std=std
-    ).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return ref
+    )
+    return randomize_(ref, seed + 1).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -322,17 +318,16 @@ def test_sharded_checkpoint_loads(ref, tmp_path):
 
 
 def _compiled_decode(vae, latent, backend):
-    eager = {name: getattr(vae, name) for name in vae.compile_units}
+    """Two decodes with every compile unit compiled (`apply_compile_vae` with this dynamo backend, the layout as
+    loaded); the second may not compile anything. The units are the class's methods again afterwards."""
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for name, fn in eager.items():
-                setattr(vae, name, torch.compile(fn, fullgraph=True, backend=backend))
+            apply_compile_vae(vae, "default", backend=backend)
             vae.decode_frames(latent)  # warm-up compiles; later chunks (and tail frames) reuse the graphs
             with torch.compiler.set_stance("fail_on_recompile"):
                 return vae.decode_frames(latent)
     finally:
-        for name in eager:
-            delattr(vae, name)  # back to the class methods
+        reset_compile_vae(vae)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -350,12 +345,11 @@ def test_tile_major_units_compile_once_per_strip(folder):
     vae.tiles = 2
     latent = _latent(3, 2, 30, seed=14)
     eager = vae.decode_frames(latent)
-    units = vae.compile_units  # decoder_first_chunk is not called by column strips
     counter = CompileCounter()
     torch._dynamo.reset()
     try:
-        for name in units:
-            setattr(vae, name, torch.compile(getattr(vae, name), fullgraph=True, backend=counter))
+        apply_compile_vae(vae, "default", backend=counter)  # decoder_first_chunk is not called by column strips
+        assert all(name in vae.__dict__ for name in vae.compile_units)  # every unit replaced on the instance
         vae.decode_frames(latent)
         # stem: frame 0 (allocates) + later frames; first_tile, head, tail: one graph per strip
         assert counter.frame_count == 2 + 3 * 2
@@ -363,8 +357,8 @@ def test_tile_major_units_compile_once_per_strip(folder):
             got = vae.decode_frames(latent)
         assert counter.frame_count == 8
     finally:
-        for name in units:
-            delattr(vae, name)
+        reset_compile_vae(vae)
+    assert not any(name in vae.__dict__ for name in vae.compile_units)  # the class's methods again
     assert torch.equal(got, eager)
 
 

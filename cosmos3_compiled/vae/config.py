@@ -39,29 +39,27 @@ class VAEConfig:
         if name != "AutoencoderKLWan":
             fail(f"_class_name is {name!r}; expected 'AutoencoderKLWan' (the Wan2.2 VAE)")
         if raw.get("is_residual") is not True:
-            fail(
-                f"is_residual={raw.get('is_residual')!r}: only the Wan2.2 residual VAE (is_residual=true) is "
-                "supported, not the Wan2.1 VAE"
-            )
+            fail(f"is_residual={raw.get('is_residual')!r}: only the Wan2.2 residual VAE (is_residual=true) is "
+                 "supported, not the Wan2.1 VAE")
+
+        def is_pos_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
         def pos_int(key: str, default=None) -> int:
             v = raw.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_pos_int(v):
                 fail(f"{key} must be a positive integer, got {v!r}")
             return v
 
         base_dim = pos_int("base_dim")
-        dec_dim = raw.get("decoder_base_dim")
-        dec_dim = base_dim if dec_dim is None else pos_int("decoder_base_dim")
+        dec_dim = base_dim if raw.get("decoder_base_dim") is None else pos_int("decoder_base_dim")
         z_dim = pos_int("z_dim")
         num_res_blocks = pos_int("num_res_blocks", 2)
         patch = raw.get("patch_size")
         if patch != 2:
             fail(f"patch_size={patch!r}: only patch_size 2 (Wan2.2) is supported")
         dim_mult = raw.get("dim_mult", [1, 2, 4, 4])
-        if not isinstance(dim_mult, list) or len(dim_mult) < 2 or not all(
-            isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in dim_mult
-        ):
+        if not (isinstance(dim_mult, list) and len(dim_mult) >= 2 and all(map(is_pos_int, dim_mult))):
             fail(f"dim_mult must be a list of >= 2 positive integers, got {dim_mult!r}")
         tdown = raw.get("temperal_downsample", [False, True, True])
         if not (isinstance(tdown, list) and len(tdown) == len(dim_mult) - 1 and all(isinstance(b, bool) for b in tdown)):
@@ -83,24 +81,13 @@ class VAEConfig:
             fail("latents_std must be positive everywhere")
         spatial = patch * 2 ** (len(dim_mult) - 1)
         temporal = 2 ** sum(tdown)
-        if raw.get("scale_factor_spatial", spatial) != spatial:
-            fail(f"scale_factor_spatial={raw['scale_factor_spatial']!r} but the architecture gives {spatial}")
-        if raw.get("scale_factor_temporal", temporal) != temporal:
-            fail(f"scale_factor_temporal={raw['scale_factor_temporal']!r} but the architecture gives {temporal}")
+        for key, derived in (("scale_factor_spatial", spatial), ("scale_factor_temporal", temporal)):
+            if raw.get(key, derived) != derived:
+                fail(f"{key}={raw[key]!r} but the architecture gives {derived}")
         return cls(
-            base_dim=base_dim,
-            decoder_base_dim=dec_dim,
-            z_dim=z_dim,
-            dim_mult=tuple(dim_mult),
-            num_res_blocks=num_res_blocks,
-            temporal_downsample=tuple(tdown),
-            patch_size=patch,
-            in_channels=io,
-            out_channels=io,
-            latents_mean=stats["latents_mean"],
-            latents_std=stats["latents_std"],
-            scale_factor_spatial=spatial,
-            scale_factor_temporal=temporal,
+            base_dim=base_dim, decoder_base_dim=dec_dim, z_dim=z_dim, dim_mult=tuple(dim_mult),
+            num_res_blocks=num_res_blocks, temporal_downsample=tuple(tdown), patch_size=patch,
+            in_channels=io, out_channels=io, scale_factor_spatial=spatial, scale_factor_temporal=temporal, **stats,
         )
 
 
@@ -108,19 +95,8 @@ def wan22_config(**overrides) -> dict:
     """The Wan2.2 VAE architecture in diffusers' config keys (latents_mean/std not included); overrides
     change widths for tiny test or demo models. The one place these keys are spelled out."""
     arch = dict(
-        base_dim=160,
-        decoder_base_dim=256,
-        z_dim=48,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
-        is_residual=True,
-        patch_size=2,
-        in_channels=12,
-        out_channels=12,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
+        base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+        temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+        scale_factor_spatial=16, scale_factor_temporal=4,
     )
-    arch.update(overrides)
-    return arch
+    return {**arch, **overrides}

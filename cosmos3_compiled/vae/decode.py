@@ -1,9 +1,7 @@
 """The Wan2.2 VAE driver: `WanVAE` runs the decoder one latent frame at a time through its compilable units,
 whole-frame, in column strips (`tiles`) or in row blocks over ranks (`setup_row_parallel`); and loading.
-
-Decode: latent frame 0 is the "first chunk" (no temporal upsampling, 1 output frame); every later latent
-frame gives `scale_factor_temporal` frames (4 for Wan2.2), so F = 1 + 4 (T - 1).
-"""
+Latent frame 0 (the "first chunk") gives 1 output frame, every later one `scale_factor_temporal` (4 for
+Wan2.2), so F = 1 + 4 (T - 1)."""
 
 from __future__ import annotations
 
@@ -41,18 +39,17 @@ class RowSplit:
 class WanVAE(nn.Module):
     """Wan2.2 VAE with the checkpoint's module names (`encoder.*`, `quant_conv.*`, `post_quant_conv.*`, `decoder.*`).
 
-    `compile_units` names the methods `compile.apply_compile_vae` may replace, per instance, with
-    compiled (fullgraph) versions; `decode_frames` calls them through `self`, so every decode
-    strategy runs the compiled ones. Each takes one input and the causal histories, returns (output,
-    histories) and updates given histories in place (only a first chunk allocates them):
+    `compile_units` names the methods `compile.apply_compile_vae` may replace, per instance, with compiled
+    (fullgraph) versions; every decode strategy calls them through `self`. Each takes one input and the causal
+    histories, returns (output, histories) and updates given histories in place (a first chunk allocates them):
       * `decoder_first_chunk(x)`: latent frame 0 → 1 frame of patches (runs once; eager is fine)
       * `decoder_head(x, hist[:k])` then 4 × `decoder_tail(frame, src, sub, hist[k:])`: a later latent frame
-        (k = `decoder.head_histories`), split so the full-resolution tail sees one output frame per call:
-        separate calls keep the compiler from interleaving the four frames, and the head stops before the
-        last temporal block's spatial upsampling, so what it hands over is a quarter of the size.
+        (k = `decoder.head_histories`); separate tail calls keep the compiler from interleaving the four
+        full-resolution frames, and the head stops before the last temporal block's spatial upsampling, so
+        it hands over a quarter of the pixels.
       * `decoder_stem`, `decoder_first_tile`: the column-strip decode's passes (see `_decode_tiles`).
-    Patches are [B, 12, t, H/2, W/2], already clamped to [-1, 1]. The layout from `apply_channels_last_3d()`
-    is read inside the units: set it before compiling.
+    Patches are [B, 12, t, H/2, W/2], clamped to [-1, 1]. The units read the layout `apply_channels_last_3d()`
+    sets: set it before compiling.
     """
 
     compile_units: tuple[str, ...] = (
@@ -153,9 +150,8 @@ class WanVAE(nn.Module):
         if z.ndim != 5:
             raise ValueError(f"latent must be [B, {self.cfg.z_dim}, T, h, w]; got rank {z.ndim} shape {tuple(z.shape)}")
         if z.shape[1] != self.cfg.z_dim:
-            raise ValueError(
-                f"latent has {z.shape[1]} channels but the VAE's z_dim is {self.cfg.z_dim}; shape {tuple(z.shape)}"
-            )
+            raise ValueError(f"latent has {z.shape[1]} channels but the VAE's z_dim is {self.cfg.z_dim}; "
+                             f"shape {tuple(z.shape)}")
         if min(z.shape) < 1:
             raise ValueError(f"latent has an empty axis (B, T, h and w must be >= 1); shape {tuple(z.shape)}")
         if not z.is_floating_point():
@@ -163,25 +159,18 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def decode_frames(
-        self,
-        z: Tensor,
-        *,
-        out: Tensor | None = None,
-        progress_desc: str = "decode",
+        self, z: Tensor, *, out: Tensor | None = None, progress_desc: str = "decode",
         on_frames: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Normalised latent [B, z, T, h, w] → video [B, 3, 1 + 4(T-1), 16h, 16w] in [-1, 1].
 
-        De-normalises like the pipeline (z / (1/std) + mean, in the VAE dtype), applies `post_quant_conv`
-        to the whole latent, then decodes one latent frame at a time, writing each chunk's frames
-        (unpatchified) straight into `out` (allocated in the VAE dtype when not given). Whole frames, in
-        `tiles` column strips, or (after `setup_row_parallel`) in row blocks: the same values each way.
-
-        `on_frames(f0, f1)`, called on this thread, says that output frames [f0, f1) of `out` have all their
-        work enqueued (on the current stream) and will not be written again, so a consumer can start on them
-        while the decode goes on (see `postprocess.FrameStream`): every frame once, in order. Whole frames
-        and row blocks report frame 0, then each tail frame; column strips finish a frame only with the
-        last strip, so they report all frames once at the end.
+        De-normalises like the pipeline (z / (1/std) + mean, in the VAE dtype), applies `post_quant_conv` to
+        the whole latent, then decodes one latent frame at a time (whole, in `tiles` column strips or in row
+        blocks: the same values each way), unpatchifying each chunk into `out` (VAE dtype when not given).
+        `on_frames(f0, f1)`, called on this thread, says output frames [f0, f1) have all their work enqueued
+        (on the current stream) and will not be written again, so a consumer can start on them (see
+        `postprocess.FrameStream`): every frame once, in order; column strips finish frames only with the
+        last strip, so they report them all at the end.
         """
         self._check_latent(z)
         if self.tiles > 1 and self.rows is not None:
@@ -280,9 +269,8 @@ class WanVAE(nn.Module):
         for i in range(t):
             y, hist = self.decoder_stem(x[:, :, i : i + 1], hist)
             if stem is None:
-                stem = torch.empty(
-                    (b, y.shape[1], t, h, w), dtype=y.dtype, device=y.device, memory_format=self.memory_format
-                )
+                shape = (b, y.shape[1], t, h, w)
+                stem = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=self.memory_format)
             stem[:, :, i : i + 1] = y
         del hist, y
         tiles = dec.column_tiles(w, self.tiles)

@@ -2,14 +2,11 @@
 order: fp32 epilogues, causal conv, residual and attention blocks, encoder, decoder, and the receptive-field
 walk that lets a decoder strip (columns or rows) decode exactly.
 
-Causal time handling. Every temporal convolution with kernel 3 sees the last two frames of its own
-input from the previous chunk ("history"). Histories start as zeros, and after each call a layer keeps
-the last two frames of `cat([history, input])`; this reproduces the reference's feature cache (whose
-first-chunk `None` / "Rep" markers stand for exactly those zero frames) without any marker state.
-Histories travel as a list of tensors in call order: a chunk function reads `prev[i]` for its i-th
-causal conv and appends it to `nxt`. The first chunk allocates them; later chunks update them in
-place, so a compiled chunk never holds two copies. No Python branch depends on tensor values, so each
-chunk function compiles whole (fullgraph).
+Causal time: every kernel-3 temporal conv sees the last two frames of its own input from the previous chunk
+(its history), zeros at first: what the reference's feature cache and its `None` / "Rep" markers amount to.
+Histories travel as a list in call order: a chunk reads `prev[i]` for its i-th causal conv and appends it to
+`nxt`; the first chunk allocates them, later ones update them in place, so a compiled chunk never holds two
+copies. No Python branch depends on tensor values, so each chunk function compiles whole (fullgraph).
 """
 
 from __future__ import annotations
@@ -31,18 +28,15 @@ _NORM_EPS = 1e-12  # F.normalize's floor on the channel norm
 
 def _pin_strides(x: Tensor, stride: tuple[int, ...]) -> Tensor:
     """Compiled: make inductor store x once, with exactly these strides (eager: x unchanged). The op is
-    registered when the compiler loads inductor (`apply_compile_vae` imports it, not this module, so an
-    eager run does not pay for importing inductor)."""
+    registered by `apply_compile_vae`, which imports inductor, so an eager run never imports it."""
     if is_compiling():
         return torch.ops.prims.inductor_force_stride_order(x, stride)
     return x
 
 
 def _stored(x: Tensor) -> Tensor:
-    """Compiled: store a block's output once, in its own layout, rather than let inductor inline the chain
-    that makes it (conv output + bias + shortcut) into each reader. Inlined, the conv output and shortcut stay
-    alive for every reader, and the next norm, reading too many buffers, gets its fp32 product stored in full
-    (the Wan2.2 VAE report in docs/benchmarks/, "Fifth pass")."""
+    """Compiled: store a block's output once, in its own layout; inlined into each reader, its inputs (conv
+    output, shortcut) would stay alive and the next norm would store its fp32 product in full."""
     return _pin_strides(x, x.stride())
 
 
@@ -54,11 +48,9 @@ def _channel_bias(bias: Tensor, ndim: int) -> Tensor:
 def _finish(y: Tensor, *terms: Tensor) -> Tensor:
     """Sum a bias-free conv output and the given terms in fp32, round once to y's dtype.
 
-    Every conv here runs without its bias; the bias joins the next pointwise step (this, or
-    `_norm_silu`). That is where a compiled graph puts it anyway (inductor peels conv biases into the
-    following kernel), so eager and compiled round at the same points: once per conv output and once per
-    pointwise chain. In fp32 it is the reference's arithmetic; in bf16 it rounds less often than the
-    reference's op-by-op chain, so it is also closer to the fp32 decode (docs/benchmarks/).
+    Convs here run without their bias, which joins the next pointwise step (this or `_norm_silu`), where
+    inductor would put it anyway: so eager and compiled round at the same points, once per conv output and
+    once per pointwise chain (in fp32 the reference's arithmetic; in bf16 fewer roundings than its op chain).
     """
     out = y.float()
     for t in terms:
@@ -87,19 +79,14 @@ class RMSNorm(nn.Module):
 
 
 def _norm_silu(x: Tensor, norm: RMSNorm, bias: Tensor | None = None) -> Tensor:
-    """silu(norm(x + bias)) over the channels (dim 1), in fp32, rounded once to x's dtype.
-
-    `bias` is the bias of the conv that produced x (see `_finish`).
-    """
+    """silu(norm(x + bias)) over the channels (dim 1) in fp32, rounded once; `bias`: x's conv's (see `_finish`)."""
     xf = x.float() if bias is None else x.float() + _channel_bias(bias, x.ndim)
     return F.silu(_rms_norm_f32(xf, norm.gamma, norm.scale, dim=1)).to(x.dtype)
 
 
 class CausalConv3d(nn.Module):
-    """Conv3d, zero-padded in space and causal in time; kernel-3 layers carry a 2-frame history.
-
-    Both `forward` and `pointwise` return the output *without* the bias; the caller adds `self.bias` in
-    its fp32 epilogue (`_finish`, `_norm_silu`)."""
+    """Conv3d, zero-padded in space and causal in time; kernel-3 layers carry a 2-frame history. `forward` and
+    `pointwise` leave out the bias, which the caller's fp32 epilogue adds (`_finish`, `_norm_silu`)."""
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1)):
         super().__init__()
@@ -118,41 +105,25 @@ class CausalConv3d(nn.Module):
         return F.conv3d(x, self.weight)
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
-        """x: [B, Cin, t, H, W] → [B, Cout, t, H, W]; this layer's history is prev[len(nxt)], appended to nxt.
-
-        First chunk (prev None): the history is zeros and a new one is allocated. Later chunks update
-        the given history in place, so a chunk never holds an old and a new copy of all histories.
-        """
+        """x: [B, Cin, t, H, W] → [B, Cout, t, H, W]; this layer's history is prev[len(nxt)], appended to nxt
+        (prev None: the first chunk, zeros, allocated here)."""
         if prev is None:
             xin = F.pad(x, (0, 0, 0, 0, HISTORY, 0))
             nxt.append(xin[:, :, -HISTORY:].clone(memory_format=self.memory_format))
         else:
             hist = prev[len(nxt)]
             if is_compiling():
-                # One pointwise producer that also needs x: a cat would let inductor copy every layer's
-                # history into its input buffer at the start of the graph, keeping all those buffers alive.
+                # A pointwise producer that also needs x: with a cat, inductor would copy every layer's history
+                # into its input buffer at the start of the graph, keeping all those buffers alive.
                 xin = F.pad(hist, (0, 0, 0, 0, 0, x.shape[2])) + F.pad(x, (0, 0, 0, 0, HISTORY, 0))
-                # Fix xin's strides to the conv's layout now. Inductor lowers the history slice below before
-                # the conv; left open, the slice would lay xin out in an order guessed from its inputs and the
-                # conv would then need a second, channels-last copy of all three frames.
+                # Pin xin to the conv's layout: the history slice below is lowered first and would otherwise
+                # pick xin's layout, and the conv would need a second, channels-last copy of it.
                 xin = _pin_strides(xin, xin.contiguous(memory_format=self.memory_format).stride())
             else:
                 xin = torch.cat([hist, x], dim=2)  # [B, Cin, 2 + t, H, W]
             hist.copy_(xin[:, :, -HISTORY:])
             nxt.append(hist)
         return F.conv3d(xin, self.weight, None, self.stride, self.spatial_pad)
-
-
-class _Slot1(nn.Module):
-    """Holds a Conv2d under the name `1`, where the checkpoint keeps it (`resample.1.*`)."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.add_module("1", conv)
-
-    @property
-    def conv(self) -> nn.Conv2d:
-        return getattr(self, "1")
 
 
 def _per_frame(x: Tensor, fn) -> Tensor:
@@ -224,10 +195,8 @@ class MidBlock(nn.Module):
 
 
 def _avg_down(x: Tensor, cout: int, ft: int, fs: int) -> Tensor:
-    """Shortcut of a residual down block: fold (ft, fs, fs) into channels, then average groups of channels.
-
-    Frames are zero-padded at the front to a multiple of ft (the first chunk of 1 frame).
-    """
+    """Shortcut of a residual down block: fold (ft, fs, fs) into channels, then average groups of channels;
+    frames are zero-padded at the front to a multiple of ft (the first chunk's 1 frame)."""
     pad = (ft - x.shape[2] % ft) % ft
     if pad:
         x = F.pad(x, (0, 0, 0, 0, pad, 0))
@@ -240,12 +209,11 @@ class Downsample(nn.Module):
 
     def __init__(self, dim: int, temporal: bool) -> None:
         super().__init__()
-        self.resample = _Slot1(nn.Conv2d(dim, dim, 3, stride=2))
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))  # diffusers' keys
         self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
 
     def forward(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor]) -> Tensor:
-        conv = self.resample.conv
-        x = _per_frame(x, lambda f: conv(F.pad(f, (0, 1, 0, 1))))
+        x = _per_frame(x, self.resample)
         if self.time_conv is None:
             return x
         # The time conv keeps one frame of history and is skipped on the first chunk (1 frame in, 1 out).
@@ -275,22 +243,20 @@ class ResidualDownBlock(nn.Module):
         return x.add_(skip)
 
 
+def _stages(block: type, dims: list[int], num_res_blocks: int, temporal: tuple[bool, ...]) -> nn.ModuleList:
+    """Block i maps dims[i] → dims[i + 1]; every block but the last resamples, in time too where `temporal` says."""
+    last = len(dims) - 2
+    return nn.ModuleList(
+        block(dims[i], dims[i + 1], num_res_blocks, i != last and temporal[i], i != last) for i in range(last + 1)
+    )
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
-        last = len(cfg.dim_mult) - 1
         self.conv_in = CausalConv3d(cfg.in_channels, dims[0], (3, 3, 3))
-        self.down_blocks = nn.ModuleList(
-            ResidualDownBlock(
-                dims[i],
-                dims[i + 1],
-                cfg.num_res_blocks,
-                temporal=i != last and cfg.temporal_downsample[i],
-                down=i != last,
-            )
-            for i in range(len(cfg.dim_mult))
-        )
+        self.down_blocks = _stages(ResidualDownBlock, dims, cfg.num_res_blocks, cfg.temporal_downsample)
         self.mid_block = MidBlock(dims[-1])
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, (3, 3, 3))
@@ -346,7 +312,7 @@ class Upsample(nn.Module):
 
     def __init__(self, dim: int, temporal: bool) -> None:
         super().__init__()
-        self.resample = _Slot1(nn.Conv2d(dim, dim, 3, padding=1))
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"), nn.Conv2d(dim, dim, 3, padding=1))
         self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1)) if temporal else None
 
     def time_up(self, x: Tensor, prev: list[Tensor] | None, nxt: list[Tensor], first: bool) -> Tensor:
@@ -363,16 +329,15 @@ class Upsample(nn.Module):
         return rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
 
     def spatial(self, x: Tensor) -> Tensor:
-        """Nearest ×2 + the 3×3 conv, frame by frame, without the conv's bias. Nearest-neighbour copies are
-        exact in any dtype, so no fp32 round trip is needed."""
-        w = self.resample.conv.weight
-        return _per_frame(x, lambda f: F.conv2d(F.interpolate(f, scale_factor=2.0, mode="nearest-exact"), w, None, padding=1))
+        """Nearest ×2 + the 3×3 conv, frame by frame, without the conv's bias (nearest copies need no fp32)."""
+        up, conv = self.resample
+        return _per_frame(x, lambda f: F.conv2d(up(f), conv.weight, None, padding=1))
 
 
 class ResidualUpBlock(nn.Module):
     def __init__(self, cin: int, cout: int, num_res_blocks: int, temporal: bool, up: bool) -> None:
         super().__init__()
-        self.ft, self.fs, self.up = (2 if temporal else 1), 2, up
+        self.ft, self.fs = (2 if temporal else 1), 2
         if up and cout * self.ft * 4 % cin:
             raise CheckpointError(f"VAE up block {cin}->{cout}: channel widths do not divide the shortcut repeat")
         self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_res_blocks + 1)])
@@ -398,7 +363,7 @@ class ResidualUpBlock(nn.Module):
         if self.upsampler is None:
             return x
         y = self.upsampler.spatial(x)  # without its bias
-        y = y.float() + _channel_bias(self.upsampler.resample.conv.bias, y.ndim)
+        y = y.float() + _channel_bias(self.upsampler.resample[1].bias, y.ndim)
         y = _stored(_add_dup_up_(y, src, self.ft, self.fs, sub).to(src.dtype))
         return y if crops is None else _crop_columns(y, crops[1])
 
@@ -421,25 +386,14 @@ def _count_histories(parts: list[nn.Module]) -> int:
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        mults = cfg.dim_mult
-        dims = [cfg.decoder_base_dim * m for m in (mults[-1], *mults[::-1])]
-        last = len(mults) - 1
+        dims = [cfg.decoder_base_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
         self.conv_in = CausalConv3d(cfg.z_dim, dims[0], (3, 3, 3))
         self.mid_block = MidBlock(dims[0])
-        self.up_blocks = nn.ModuleList(
-            ResidualUpBlock(
-                dims[i],
-                dims[i + 1],
-                cfg.num_res_blocks,
-                temporal=i != last and cfg.temporal_upsample[i],
-                up=i != last,
-            )
-            for i in range(len(mults))
-        )
+        self.up_blocks = _stages(ResidualUpBlock, dims, cfg.num_res_blocks, cfg.temporal_upsample)
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, (3, 3, 3))
         # Up blocks from here on run at the output frame rate (after the last temporal upsampling).
-        temporal = [i for i in range(last) if cfg.temporal_upsample[i]]
+        temporal = [i for i, up in enumerate(cfg.temporal_upsample) if up]
         # That last temporal block's spatial half (nearest ×2, 3×3 conv, shortcut) also runs in the tail, per
         # output frame, so the head hands over its features before the ×4 in pixels (`ResidualUpBlock.pre`).
         self.split = temporal[-1] if temporal else None
@@ -516,14 +470,11 @@ class Decoder(nn.Module):
         `out` exactly, with the crops that keep each stage to what the rest needs. Input: the stem output
         (the whole up path), or with `tail` the tail's input (the split block's upsampling onwards).
 
-        Only zero-padded 3×3 convs mix pixels after the stem (norms are per pixel, the shortcuts and upsampling
-        move whole pixels). A strip edge inside the frame is wrong after a conv by one more pixel per conv (×2
-        through an upsample), so each strip reads a halo: walking backwards from `out`, every conv widens the
-        needed range by its padding, every upsample halves it, and the frame's own edges clip it (there the
-        zero padding is the reference's). Column strips crop after every resnet, upsampling and conv_out, so
-        halo work does not compound. Row blocks run uncropped, which keeps every layer's causal history a plain
-        slice of the whole frame's: their wrong edge grows exactly as the walk widens, so `out` stays exact,
-        and a layer's history (its input one frame earlier) is wrong no deeper than its input.
+        After the stem only zero-padded 3×3 convs mix pixels, so walking back from `out` every conv widens the
+        needed range by its padding, every upsample halves it, and the frame's edges clip it (there the zero
+        padding is the reference's). Column strips crop after every resnet, upsampling and conv_out, so halo
+        work does not compound. Row blocks run uncropped, so each layer's history stays a plain slice of the
+        whole frame's; their wrong edge grows just as the walk widens, never reaching `out`.
         """
         first = self.tail_first if tail else 0
         widths = [size]  # at each up block's input from `first` on, then at the output
