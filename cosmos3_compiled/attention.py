@@ -31,7 +31,8 @@ from . import ops
 from .errors import RequestError
 
 SDPA_BACKENDS = {
-    "auto": None,  # PyTorch picks
+    "auto": None,  # PyTorch picks (a job resolves `auto` first: defaults.py)
+    "sdpa": None,  # PyTorch picks
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import offload
-from .checkpoint_io import assign_strict, load_tensors, weight_files
+from .checkpoint_io import load_strict, read_header, weight_files
 from .config import TransformerConfig
 from .model import Cosmos3Transformer
 
@@ -20,27 +20,30 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 
 def load_transformer(
     folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-    offload_text_tower: bool = False, cfg: TransformerConfig | None = None,
+    offload_text_tower: bool = False, cfg: TransformerConfig | None = None, stats: dict | None = None,
 ) -> Cosmos3Transformer:
     """Build on the meta device and assign the official `transformer/` weights (one file or shards), strictly.
 
+    The keys and shapes of every shard are checked from the safetensors headers before any tensor data is
+    read; the weights then stream to where they live (`checkpoint_io.stream_tensors`), cast on their device
+    only where the file's dtype differs; the unused keys of official checkpoints are not read at all.
     The time embedder stays in fp32, as in the reference. Video-tower projections are fused after loading.
     With `offload_text_tower`, text-tower weights are read into host memory and never held on `device`.
     `cfg`: the folder's config when the caller already parsed it (`components.read_checkpoint`).
+    `stats`: filled with `bytes` (tensor data read) and `seconds` (wall time of the reads and copies).
     """
     folder = Path(folder)
     cfg = cfg or TransformerConfig.from_folder(folder)
     files = weight_files(folder, WEIGHTS_STEM)
     with torch.device("meta"):
         model = Cosmos3Transformer(cfg)
-    state = load_tensors(files, "cpu" if offload_text_tower else device)
-    if offload_text_tower:
-        state = {k: v if offload.is_text_param(k) else v.to(device) for k, v in state.items()}
+    header = read_header(files)
     ignore = frozenset(
-        k for k in state if k in Cosmos3Transformer.unused_keys or k.startswith(Cosmos3Transformer.unused_prefixes)
+        k for k in header if k in Cosmos3Transformer.unused_keys or k.startswith(Cosmos3Transformer.unused_prefixes)
     )
-    assign_strict(model, state, dtype, ignore=ignore, keep_fp32=Cosmos3Transformer.keep_fp32, where=str(folder))
-    del state
+    load_strict(model, files, dtype, device, ignore=ignore, keep_fp32=Cosmos3Transformer.keep_fp32,
+                where=str(folder), host=offload.is_text_param if offload_text_tower else None, header=header,
+                stats=stats)
     model.eval().requires_grad_(False)
     if offload_text_tower:
         offload.offload_text_tower(model)
@@ -48,8 +51,23 @@ def load_transformer(
     return model
 
 
+def random_param(name: str, shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One parameter of the seeded recipe below, in fp32: linears ~ N(0, 1/fan_in), norms 1 ± 0.1, biases
+    N(0, 0.02²), embeddings N(0, 1). Drawing every parameter in `named_parameters()` order from one generator
+    gives `init_random_`'s weights (tools/make_nano_checkpoint.py draws them a shard at a time)."""
+    tmp = torch.empty(shape, device=device, dtype=torch.float32)
+    tmp.normal_(generator=gen)
+    if "norm" in name.split(".")[-2]:  # every norm weight: *norm*.weight
+        tmp.mul_(0.1).add_(1.0)
+    elif name.endswith("bias"):
+        tmp.mul_(0.02)
+    elif len(shape) == 2 and not name.startswith("embed_tokens"):
+        tmp.mul_(1.0 / math.sqrt(shape[1]))
+    return tmp
+
+
 def init_random_(model: Cosmos3Transformer, seed: int) -> Cosmos3Transformer:
-    """Deterministic weights with O(1) activations: linears ~ N(0, 1/fan_in), norms 1 ± 0.1, embeddings N(0, 1).
+    """Deterministic weights with O(1) activations (`random_param`'s recipe).
 
     Numbers are drawn on the video tower's device (seconds for Nano on a GPU) and copied to wherever
     each parameter lives, so the same seed gives the same weights with the text tower offloaded.
@@ -58,15 +76,7 @@ def init_random_(model: Cosmos3Transformer, seed: int) -> Cosmos3Transformer:
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            tmp = torch.empty(p.shape, device=dev, dtype=torch.float32)
-            tmp.normal_(generator=gen)
-            if "norm" in name.split(".")[-2]:  # every norm weight: *norm*.weight
-                tmp.mul_(0.1).add_(1.0)
-            elif name.endswith("bias"):
-                tmp.mul_(0.02)
-            elif p.ndim == 2 and not name.startswith("embed_tokens"):
-                tmp.mul_(1.0 / math.sqrt(p.shape[1]))
-            p.copy_(tmp)
+            p.copy_(random_param(name, tuple(p.shape), gen, dev))
     return model
 
 

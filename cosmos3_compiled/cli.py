@@ -6,7 +6,9 @@ import logging
 import os
 import re
 import sys
+from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,7 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .distributed import agree_run_dir
+from .distributed import agree_run_dir, is_writer, rank, rendezvous_store, world_size
 from .errors import RequestError
 from .pipeline import generate
 from .schema import register_configs
@@ -25,6 +27,8 @@ log = logging.getLogger("cosmos3_compiled")
 
 FREE_TEXT = ("prompt", "negative_prompt")
 FAILED = "failed.txt"  # in a sweep job's directory: the one-line reason it failed
+ERROR_KEY = "cosmos3/error"  # in the job's rendezvous store: the error line global rank 0 printed
+RANK0_WAIT_S = 10.0  # how long another rank waits for rank 0's error line before printing its own
 
 
 class SweepSummary(Callback):
@@ -62,6 +66,55 @@ def quote_free_text(argv: list[str]) -> list[str]:
     return out
 
 
+def fail(message: str, code: int, wait_for_rank0: bool = True) -> NoReturn:
+    """The end of a run that cannot go on: `error: <message>` on stderr and in the run's log file, exit `code`.
+
+    Under several processes (torchrun) every rank usually meets the same error, and it shows once: global rank
+    0 prints it; every other rank waits until rank 0 has (torchrun stops the other ranks as soon as one exits,
+    which could kill rank 0 before its line), then exits with the same code, its line only in the log file
+    (`error: rank N: ...`). A rank whose error rank 0 did not report in time prints its own, naming its rank."""
+    line = f"error: {message}"
+    if world_size() <= 1:
+        print(line, file=sys.stderr)
+        log_to_file(line)
+    elif is_writer():
+        print(line, file=sys.stderr, flush=True)
+        log_to_file(line)
+        _publish_error(line)
+    else:
+        mine = f"error: rank {rank()}: {message}"
+        if not (wait_for_rank0 and _rank0_reported(line)):
+            print(mine, file=sys.stderr)
+        log_to_file(mine)
+    raise SystemExit(code) from None
+
+
+def _publish_error(line: str) -> None:
+    try:
+        rendezvous_store().set(ERROR_KEY, line)
+    except Exception:  # the store's own failure must not hide the error just printed
+        pass
+
+
+def _rank0_reported(line: str) -> bool:
+    """Whether global rank 0 reported this same error line, waiting for it up to `RANK0_WAIT_S`."""
+    try:
+        store = rendezvous_store()
+        store.wait([ERROR_KEY], timedelta(seconds=RANK0_WAIT_S))
+        return store.get(ERROR_KEY).decode() == line
+    except Exception:  # not in time (rank 0 runs on, or failed otherwise) or the store is gone
+        return False
+
+
+def log_to_file(line: str) -> None:
+    """`line` as an error record in the run's log file (Hydra's job-logging `FileHandler`s on the root logger,
+    i.e. `cli.log`) but not on the console, which has it already. Before Hydra set up logging: nothing."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 def run_dir_overrides(argv: list[str]) -> list[str]:
     """A single run with `output.dir=X` uses X as Hydra's run directory too (its `.hydra/` and `cli.log` go there,
     nothing appears under ./outputs). Then, before Hydra creates anything, the run directory's nearest existing
@@ -74,9 +127,8 @@ def run_dir_overrides(argv: list[str]) -> list[str]:
     target = Path(named.get("hydra.sweep.dir" if multirun else "hydra.run.dir", "multirun" if multirun else "outputs"))
     existing = next(p for p in (target.absolute(), *target.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK):
-        print(f"error: cannot create the run directory {target} ({existing} is not writable); pass "
-              f"output.dir=<a writable folder>", file=sys.stderr)
-        raise SystemExit(2)
+        fail(f"cannot create the run directory {target} ({existing} is not writable); pass "
+             f"output.dir=<a writable folder>", 2)
     return argv
 
 
@@ -87,7 +139,8 @@ def main() -> None:
     if any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") or a.startswith("--shell-completion") for a in argv):
         sys.argv = [sys.argv[0], *argv]  # nothing is run: no run directory
     else:
-        sys.argv = [sys.argv[0], *run_dir_overrides(agree_run_dir(argv))]
+        # output.dir first: it names the run directory, which agree_run_dir then leaves alone
+        sys.argv = [sys.argv[0], *agree_run_dir(run_dir_overrides(argv))]
     hydra_main()
 
 
@@ -101,8 +154,7 @@ def hydra_main(cfg: DictConfig) -> str | None:
         if not multirun:
             if not isinstance(err, RequestError):
                 raise  # a bug: its traceback helps
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            fail(str(err), 2)
         # a sweep's other jobs still run; `SweepSummary` reports this one at the end
         reason = str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
         if isinstance(err, RequestError):
@@ -114,8 +166,7 @@ def hydra_main(cfg: DictConfig) -> str | None:
         (job_dir / FAILED).write_text(reason.splitlines()[0] + "\n")
         return None
     except KeyboardInterrupt:  # the stages already stopped the encoder and removed partial outputs
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        fail("interrupted", 130, wait_for_rank0=False)  # every rank got the signal: no waiting
     for name, path in state.outputs.items():
         log.info("%s: %s", name, path)
     if state.sha256 is not None:  # global rank 0 only under torchrun

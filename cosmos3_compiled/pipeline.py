@@ -42,9 +42,9 @@ def generate(cfg: DictConfig, out_dir: str | Path) -> State:
     """
     t_start = time.perf_counter()
     job = prepare(cfg, out_dir, writes=is_writer())
-    par = init_parallel(cfg.parallel, job.settings.device.type)
+    par = init_parallel(job.cfg.parallel, job.settings.device.type)
     try:
-        state = _generate(cfg, job, par, t_start)
+        state = _generate(job.cfg, job, par, t_start)
     except BaseException:
         RESIDENT.drop()  # a failed job may leave them half-way (e.g. text weights mid-stream): never reuse
         teardown(par, barrier=False)  # another rank may be stuck in a collective: don't wait for it
@@ -86,10 +86,12 @@ def build_stages(cfg: DictConfig, job: Job, models: Models, par: Parallel | None
 
 
 def _generate(cfg: DictConfig, job: Job, par: Parallel | None, t_start: float) -> State:
+    """`cfg`: the job's resolved config (`job.cfg`)."""
     device = par.device if par is not None else job.settings.device
     writes = par is None or par.is_writer
     set_progress_enabled(cfg.output.progress)
-    metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "seconds": {}}
+    metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "auto": job.auto,
+                     "seconds": {}}
     if device.type == "cuda":  # what an earlier job left allocated (its resident models): steady across a sweep
         metrics["memory_gib_at_start"] = torch.cuda.memory_allocated(device) / 2**30
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ wrong raises `RequestError` with one line.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import uuid
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from PIL import Image
 from . import attention
 from .components import DTYPES, CheckpointSpec, read_checkpoint
 from .config import TransformerConfig, preset
+from .defaults import REFERENCE_SIZE, machine_defaults, request_defaults
 from .errors import RequestError
+from .hub import resolve_checkpoint
 from .schema import unknown_keys
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, merge_schedule_overrides
 from .model import check_fused_qk_rope, fused_qk_rope_supported
@@ -78,6 +81,8 @@ class Job:
     checkpoint: CheckpointSpec | None  # None: the embedded default
     scheduler: FlowUniPCScheduler
     out_dir: Path
+    cfg: DictConfig  # the composed config with every `auto` / unset value resolved (what the stages read)
+    auto: dict  # {key: "value: why"} for each value chosen by `defaults` (metrics.json `auto`)
 
 
 def value(x):
@@ -98,6 +103,8 @@ def check_keys(cfg: DictConfig) -> None:
 
 
 def build_request(cfg: DictConfig) -> Request:
+    if any(cfg[k] is None for k in REFERENCE_SIZE):
+        cfg, _ = request_defaults(cfg)
     h, w, f, fps = int(cfg.height), int(cfg.width), int(cfg.num_frames), float(cfg.fps)
     if h <= 0 or w <= 0 or h % 16 or w % 16:
         raise RequestError(f"height and width must be positive multiples of 16, got height={h} width={w}")
@@ -132,15 +139,13 @@ def build_request(cfg: DictConfig) -> Request:
     return Request(
         prompt=prompt, negative_prompt=str(cfg.negative_prompt or ""), height=h, width=w, num_frames=f,
         fps=fps, seed=int(cfg.seed), num_inference_steps=steps, guidance_scale=float(cfg.sampler.guidance_scale),
-        image=image, use_system_prompt=bool(cfg.sampler.use_system_prompt),
+        image=image, use_system_prompt=cfg.sampler.use_system_prompt is None or bool(cfg.sampler.use_system_prompt),
     )
 
 
 def check_settings(cfg: DictConfig, model: TransformerConfig) -> Settings:
     """`model`: the transformer's config (the checkpoint's, or the embedded preset's)."""
-    device = torch.device(value(cfg.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RequestError("device=cuda but no CUDA device is available; use device=cpu")
+    device = torch.device(value(cfg.device))  # resolved and checked against this machine by `defaults`
     dtype = DTYPES[value(cfg.dtype)]
     vae_dtype = DTYPES[value(cfg.model.vae_dtype)] if cfg.model.vae_dtype is not None else dtype
     mode = value(cfg.compile.mode)
@@ -181,12 +186,22 @@ def build_scheduler(cfg: DictConfig, checkpoint: CheckpointSpec | None) -> FlowU
 
 
 def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
-    """Every check, cheapest first; `writes`: this process writes the outputs (global rank 0)."""
+    """Every check, cheapest first (the request before a Hub download); `writes`: this process writes the
+    outputs (global rank 0). `auto` and unset values are resolved here (`defaults`), explicit ones kept."""
     check_keys(cfg)
+    cfg, auto = request_defaults(cfg)
     request = build_request(cfg)
-    checkpoint = read_checkpoint(str(cfg.checkpoint)) if cfg.checkpoint is not None else None
-    settings = check_settings(cfg, preset(cfg.model.name) if checkpoint is None else checkpoint.transformer)
+    checkpoint = None
+    if cfg.checkpoint is not None:
+        checkpoint = read_checkpoint(resolve_checkpoint(str(cfg.checkpoint), cfg.checkpoint_revision))
+    elif cfg.checkpoint_revision is not None:
+        raise RequestError("checkpoint_revision= needs checkpoint=<a Hub id>")
+    model = preset(cfg.model.name) if checkpoint is None else checkpoint.transformer
+    cfg, chosen = machine_defaults(cfg, checkpoint, request, model)
+    auto.update(chosen)
+    request = dataclasses.replace(request, use_system_prompt=bool(cfg.sampler.use_system_prompt))
+    settings = check_settings(cfg, model)
     out_dir = Path(out_dir)
     if writes:
         check_output_dir(out_dir)
-    return Job(request, settings, checkpoint, build_scheduler(cfg, checkpoint), out_dir)
+    return Job(request, settings, checkpoint, build_scheduler(cfg, checkpoint), out_dir, cfg, auto)

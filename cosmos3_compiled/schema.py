@@ -9,15 +9,16 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II
 
 
 class Device(str, Enum):
+    auto = "auto"  # CUDA when present (the embedded default stays on the CPU)
     cpu = "cpu"
     cuda = "cuda"
 
 
 class DType(str, Enum):
+    auto = "auto"  # the checkpoint's weights on CUDA, float32 on the CPU
     float32 = "float32"
     bfloat16 = "bfloat16"
 
@@ -41,6 +42,7 @@ class X264Preset(str, Enum):
 
 
 class CompileMode(str, Enum):
+    auto = "auto"  # cudagraph on CUDA, eager on the CPU (VAE: compiled on CUDA when the step compiles)
     eager = "eager"  # no compilation
     default = "default"  # inductor kernels
     max_autotune_no_cudagraphs = "max_autotune_no_cudagraphs"  # inductor with GEMM/conv autotuning
@@ -71,32 +73,32 @@ class ModelConfig:
     batch_cfg: bool = False
     fused_qk_rope: Optional[bool] = None
     vae_dtype: Optional[DType] = None
-    vae_tiles: int = 1
+    vae_tiles: Optional[int] = None
 
 
 @dataclass
 class SamplerConfig:
     num_inference_steps: int = 35
-    guidance_scale: float = 4.0
+    guidance_scale: float = 6.0
     schedule: Schedule = Schedule.checkpoint
     flow_shift: float = 10.0
-    use_system_prompt: bool = True
+    use_system_prompt: Optional[bool] = None
 
 
 @dataclass
 class CompileConfig:
-    mode: CompileMode = CompileMode.eager
+    mode: CompileMode = CompileMode.auto
     scope: CompileScope = CompileScope.blocks
     fullgraph: bool = True
     dynamic: bool = False
     recompile_limit: int = 8
     warmup_steps: int = 1
     inductor: dict[str, Any] = field(default_factory=dict)
-    vae: CompileMode = CompileMode.eager
+    vae: CompileMode = CompileMode.auto
     text_pass: CompileMode = CompileMode.eager
-    cache_dir: Optional[str] = None
-    offload_text_tower: bool = False
-    pin_text_tower: bool = False
+    cache_dir: Optional[str] = "auto"
+    offload_text_tower: Optional[bool] = None
+    pin_text_tower: Optional[bool] = None
 
 
 @dataclass
@@ -120,17 +122,18 @@ class OutputConfig:
 @dataclass
 class GenerateConfig:
     checkpoint: Optional[str] = None
+    checkpoint_revision: Optional[str] = None
     prompt: str = "A red fox trots through fresh snow at dawn, steam rising from its breath."
     negative_prompt: str = ""
     prompt_file: Optional[str] = None
     image: Optional[str] = None
-    height: int = II("model.height")
-    width: int = II("model.width")
-    num_frames: int = II("model.num_frames")
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_frames: Optional[int] = None
     fps: float = 24.0
     seed: int = 0
-    device: Device = Device.cpu
-    dtype: DType = DType.float32
+    device: Device = Device.auto
+    dtype: DType = DType.auto
     keep_loaded: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Tests (and the processes they start) use no persistent compile cache unless a test names one: a warm cache
+# left by an earlier test or run would change what later tests compile. tests/test_defaults.py tests the default.
+os.environ["COSMOS3_COMPILED_CACHE_DIR"] = ""
 
 
 def pytest_collection_modifyitems(config, items):

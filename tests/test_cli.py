@@ -163,8 +163,8 @@ def test_model_options_are_runnable_requests(option):
 
     cfg = compose_generate([f"model={option}"])
     preset(cfg.model.name)  # a known preset name, looked up exactly
-    assert (cfg.height, cfg.width, cfg.num_frames) == (cfg.model.height, cfg.model.width, cfg.model.num_frames)
-    build_request(cfg)  # its default size passes the request checks
+    r = build_request(cfg)  # its default size (no checkpoint: the preset's) passes the request checks
+    assert (r.height, r.width, r.num_frames) == (cfg.model.height, cfg.model.width, cfg.model.num_frames)
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "compile"])
@@ -172,7 +172,7 @@ def test_compile_options_name_known_modes(option):
     from cosmos3_compiled.compile import MODES
 
     cfg = compose_generate([f"compile={option}"])
-    assert cfg.compile.mode in MODES
+    assert cfg.compile.mode in MODES or cfg.compile.mode == "auto"  # auto: resolved per job (test_defaults.py)
     assert cfg.compile.scope in ("blocks", "full")
 
 
@@ -189,11 +189,11 @@ def test_defaults_compose_typed():
     cfg = compose_generate([])
     assert cfg.checkpoint is None and cfg.image is None
     assert cfg.model.name == "debug"
-    assert cfg.device is Device.cpu and cfg.dtype is DType.float32
+    assert cfg.device is Device.auto and cfg.dtype is DType.auto  # resolved per job (test_defaults.py)
     assert cfg.output.frames is FramesOut.none and cfg.output.video is True
     assert cfg.sampler.schedule is Schedule.checkpoint
     assert isinstance(cfg.fps, float) and isinstance(cfg.seed, int)
-    assert (cfg.height, cfg.width, cfg.num_frames) == (128, 128, 9)
+    assert (cfg.height, cfg.width, cfg.num_frames) == (None, None, None)  # the checkpoint's or the preset's
 
 
 # The overrides the issue names, with a valid value and what the composed config must then hold.
@@ -244,13 +244,13 @@ def test_mistyped_key_fails_at_compose(override):
     ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
     ("height=1.5", "could not be converted to Integer"),
     ("fps=fast", "could not be converted to Float"),
-    ("device=tpu", "Invalid value 'tpu', expected one of [cpu, cuda]"),
-    ("dtype=float16", "Invalid value 'float16', expected one of [float32, bfloat16]"),
+    ("device=tpu", "Invalid value 'tpu', expected one of [auto, cpu, cuda]"),
+    ("dtype=float16", "Invalid value 'float16', expected one of [auto, float32, bfloat16]"),
     ("output.frames=png", "Invalid value 'png', expected one of [none, uint8, float32]"),
     ("output.video=maybe", "'maybe' is not a valid bool"),
     ("sampler.schedule=cosine", "Invalid value 'cosine'"),
     ("output.preset=warp", "Invalid value 'warp', expected one of [ultrafast,"),
-    ("compile.mode=turbo", "Invalid value 'turbo', expected one of [eager, default,"),
+    ("compile.mode=turbo", "Invalid value 'turbo', expected one of [auto, eager, default,"),
 ])
 def test_wrong_type_fails_at_compose(override, detail):
     with pytest.raises(ConfigCompositionException, match=re.escape(f"Error merging override {override}")) as info:
@@ -322,8 +322,11 @@ def test_cli_end_to_end(tmp_path):
     for stage in (*STAGES, "load", "total"):
         assert isinstance(seconds[stage], float) and seconds[stage] >= 0, stage
     assert seconds["total"] >= sum(seconds[s] for s in STAGES)
-    expected = OmegaConf.to_container(compose_generate(overrides), resolve=True, enum_to_str=True)
-    assert metrics["config"] == expected
+    from cosmos3_compiled.request import prepare
+
+    job = prepare(compose_generate(overrides), tmp_path / "again")  # the config with every `auto` resolved
+    assert metrics["config"] == OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)
+    assert metrics["auto"] == job.auto and metrics["config"]["device"] == "cpu"
     assert metrics["config"]["height"] == 32 and metrics["config"]["seed"] == 3
     assert metrics["source"] == "embedded:debug"
     assert (run_dir / ".hydra" / "config.yaml").is_file()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from helpers import compose_generate
+from helpers import compose_generate, subprocess_env, torchrun
 
 from cosmos3_compiled import cli, distributed
 from cosmos3_compiled.errors import RequestError
@@ -109,3 +111,65 @@ def test_an_unwritable_working_directory_is_one_line(tmp_path, monkeypatch, caps
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not writable" in err and "output.dir=" in err
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`cosmos3-generate ARGS` (its module, from this checkout) in `cwd`."""
+    env = subprocess_env()
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "cosmos3_compiled.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_failed_run_says_why_once_and_in_its_log(tmp_path):
+    out = tmp_path / "out"
+    proc = _cli(["height=100", f"output.dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "height=100" in errors[0], proc.stderr
+    assert "error:" not in proc.stdout  # Hydra's console handler did not print it again
+    assert errors[0] in (out / "cli.log").read_text()
+
+
+class _Store:
+    """Stands in for the job's rendezvous store: what rank 0 published, if anything."""
+
+    def __init__(self, published: str | None):
+        self.published = published
+
+    def wait(self, keys, timeout):
+        if self.published is None:
+            raise RuntimeError("Socket Timeout")
+
+    def get(self, key):
+        return self.published.encode()
+
+
+@pytest.mark.parametrize("published,printed", [
+    ("error: bad height", ""),  # rank 0 printed this very line: rank 1 adds nothing
+    ("error: cannot read /ckpt", "error: rank 1: bad height\n"),  # rank 0 failed otherwise: say this one too
+    (None, "error: rank 1: bad height\n"),  # rank 0 runs on (or hangs): only this rank knows
+])
+def test_other_ranks_print_only_what_rank0_did_not(monkeypatch, capsys, published, printed):
+    monkeypatch.setattr(cli, "world_size", lambda: 2)
+    monkeypatch.setattr(cli, "is_writer", lambda: False)
+    monkeypatch.setattr(cli, "rank", lambda: 1)
+    monkeypatch.setattr(cli, "rendezvous_store", lambda: _Store(published))
+    with pytest.raises(SystemExit) as info:
+        cli.fail("bad height", 2)
+    assert info.value.code == 2 and capsys.readouterr().err == printed
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_request_error_under_torchrun_is_one_line(tmp_path):
+    """Every rank refuses the request (before any weights are read); only rank 0 says so."""
+    out = tmp_path / "out"
+    proc = torchrun(2, ["parallel=cfg", "height=100", f"output.dir={out}"], tmp_path)
+    assert proc.returncode != 0, proc.report()
+    both = proc.stdout + proc.stderr
+    assert both.count("error:") == 1, proc.report()
+    line = next(line for line in both.splitlines() if "error:" in line)
+    assert line.endswith("error: height and width must be positive multiples of 16, got height=100 width=128")
+    log = (out / "cli.log").read_text()  # output.dir is the run directory under torchrun too
+    assert log.count(line[line.index("error:"):]) == 1 and "error: rank 1: height" in log, log

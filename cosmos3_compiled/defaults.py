@@ -1,0 +1,254 @@
+"""`auto` and unset settings, resolved once per job from the checkpoint, the embedded preset and this machine.
+
+Two passes, both before any weights are read:
+
+- `request_defaults(cfg)`: the request size. With `checkpoint=` it is the reference's default video
+  (`Cosmos3OmniPipeline.__call__`: 1280×720, 189 frames); without one, the `model=` preset's size.
+- `machine_defaults(cfg, checkpoint, request)`: device, dtype, compile modes, attention backend, text-tower
+  offload, VAE strips, the compile cache, the system prompt. The embedded default (`model=debug*`, no checkpoint)
+  stays on the CPU in float32, eager; everything else follows the machine.
+
+Both return the config with every choice written in (explicit overrides are never touched) and a `{key: reason}`
+line for each choice made, which metrics.json records under `auto`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+
+from . import offload
+from .attention import check_backend
+from .config import TransformerConfig
+from .errors import RequestError
+from .model import Cosmos3Transformer
+
+# The reference's request defaults when a checkpoint is given (diffusers 0.42.1 Cosmos3OmniPipeline.__call__).
+REFERENCE_SIZE = {"height": 720, "width": 1280, "num_frames": 189}
+CACHE_ENV = "COSMOS3_COMPILED_CACHE_DIR"  # overrides the default compile-cache folder; "" disables it
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "bfloat16", "F32": "float32", "F8_E4M3": "bfloat16"}
+_GIB = 2**30
+FULL_VAE_DECODER_DIM = 256  # the released Wan2.2 VAE's decoder width (random-weight presets use it too)
+
+
+def _editable(cfg: DictConfig) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(out, False)
+    return out
+
+
+def _value(x):
+    return x.value if hasattr(x, "value") else x
+
+
+def request_defaults(cfg: DictConfig) -> tuple[DictConfig, dict[str, str]]:
+    """height / width / num_frames left unset: the reference's video with a checkpoint, else the preset's size."""
+    cfg, chosen = _editable(cfg), {}
+    for key in REFERENCE_SIZE:
+        if cfg[key] is not None:
+            continue
+        if cfg.checkpoint is not None:
+            cfg[key] = REFERENCE_SIZE[key]
+            chosen[key] = f"{cfg[key]}: the reference's default video (a checkpoint is given)"
+        else:
+            cfg[key] = int(cfg.model[key])
+            chosen[key] = f"{cfg[key]}: model={cfg.model.name} preset's request size (no checkpoint)"
+    return cfg, chosen
+
+
+def embedded_tiny(cfg: DictConfig) -> bool:
+    """The embedded default: no checkpoint and a debug preset. It stays CPU-friendly whatever the machine."""
+    return cfg.checkpoint is None and str(cfg.model.name).startswith("debug")
+
+
+def checkpoint_dtype(folder: Path) -> str | None:
+    """The floating dtype holding most of the transformer's weights, read from the safetensors headers only
+    ("bfloat16" for FP8 weights: their compute dtype)."""
+    index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / "transformer" / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [folder / "transformer" / "diffusion_pytorch_model.safetensors"]
+    counts: Counter = Counter()
+    with safe_open(str(files[0]), framework="pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            counts[sl.get_dtype()] += math.prod(sl.get_shape())
+    for dtype, _ in counts.most_common():
+        if dtype in _SAFETENSORS_DTYPES:
+            return _SAFETENSORS_DTYPES[dtype]
+    return None
+
+
+def parameter_bytes(model_cfg: TransformerConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(video-tower bytes, text-only bytes) of the transformer in `dtype`, counted on the meta device."""
+    with torch.device("meta"):
+        model = Cosmos3Transformer(model_cfg)
+    size = torch.empty((), dtype=dtype).element_size()
+    text = sum(p.numel() for n, p in model.named_parameters() if offload.is_text_param(n)) * size
+    total = sum(p.numel() for p in model.parameters()) * size
+    return total - text, text
+
+
+def request_bytes(model_cfg: TransformerConfig, request, dtype: torch.dtype) -> int:
+    """An upper estimate of what a request allocates beside the weights during the denoise loop: every layer's
+    K/V buffers for each CFG branch, one layer's activations (attention and MLP), the latents and their history.
+    Text tokens are counted generously (the prompt template plus a long prompt)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    t, h, w = request.latent_shape
+    p = model_cfg.latent_patch_size
+    tokens = t * math.ceil(h / p) * math.ceil(w / p) + 1024
+    branches = 2 if request.use_cfg else 1
+    kv = branches * 2 * model_cfg.num_hidden_layers * tokens * model_cfg.num_key_value_heads * model_cfg.head_dim
+    layer = tokens * (8 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
+    latents = 8 * t * h * w * model_cfg.latent_channel * 4
+    return (kv + layer) * size + latents
+
+
+def decode_bytes(decoder_dim: int, request, dtype: torch.dtype, tiles: int = 1) -> int:
+    """An upper estimate of the VAE decode's peak: the output frames (float32) plus a few full-resolution feature
+    maps of the decoder's widest stage over one causal chunk of frames, divided over `tiles` column strips."""
+    size = torch.empty((), dtype=dtype).element_size()
+    frames = request.num_frames * 3 * request.height * request.width * 4
+    chunk = 6 * 4 * request.height * request.width * decoder_dim * size
+    return frames + math.ceil(chunk / tiles)
+
+
+def _free_cuda_bytes(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
+def default_cache_dir() -> str | None:
+    """`$COSMOS3_COMPILED_CACHE_DIR` ("" disables), else `$XDG_CACHE_HOME/cosmos3_compiled`, else
+    `~/.cache/cosmos3_compiled`."""
+    if CACHE_ENV in os.environ:
+        return os.environ[CACHE_ENV] or None
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "cosmos3_compiled")
+
+
+def fa4_usable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when FlashAttention-4 can run here, else why not (one phrase)."""
+    try:
+        check_backend("fa4", device, dtype)
+    except RequestError as err:
+        return str(err).split(";")[0].replace("model.attention_backend=fa4 ", "")
+    return None
+
+
+def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: TransformerConfig
+                     ) -> tuple[DictConfig, dict[str, str]]:
+    """Resolve every `auto` / unset machine setting; `checkpoint`: the `CheckpointSpec` or None."""
+    cfg, chosen = _editable(cfg), {}
+    tiny = embedded_tiny(cfg)
+
+    if _value(cfg.device) == "auto":
+        if tiny:
+            cfg.device, why = "cpu", "the embedded default stays on the CPU (pass device=cuda to move it)"
+        elif torch.cuda.is_available():
+            cfg.device, why = "cuda", "a CUDA device is present"
+        else:
+            cfg.device, why = "cpu", "no CUDA device"
+        chosen["device"] = f"{_value(cfg.device)}: {why}"
+    cuda = _value(cfg.device) == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RequestError("device=cuda but no CUDA device is available; use device=cpu")
+    # under torchrun each rank asks about its own GPU (LOCAL_RANK), never all of them about GPU 0
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+
+    if _value(cfg.dtype) == "auto":
+        if not cuda:
+            cfg.dtype, why = "float32", "on the CPU"
+        elif checkpoint is not None:
+            found = checkpoint_dtype(checkpoint.folder)
+            cfg.dtype, why = found or "bfloat16", f"the checkpoint's weights ({found or 'unknown: bf16 assumed'})"
+        else:
+            cfg.dtype, why = "bfloat16", "random weights on CUDA"
+        chosen["dtype"] = f"{_value(cfg.dtype)}: {why}"
+    dtype = getattr(torch, _value(cfg.dtype))
+
+    if _value(cfg.compile.mode) == "auto":
+        cfg.compile.mode = "cudagraph" if cuda else "eager"
+        chosen["compile.mode"] = (f"{_value(cfg.compile.mode)}: "
+                                  + ("the fastest measured mode on CUDA (docs/benchmarks/)" if cuda else "on the CPU"))
+    if _value(cfg.compile.vae) == "auto":
+        compiles = cuda and _value(cfg.compile.mode) != "eager"
+        cfg.compile.vae = "default" if compiles else "eager"
+        chosen["compile.vae"] = f"{_value(cfg.compile.vae)}: " + (
+            "compiled decode on CUDA" if compiles else f"compile.mode={_value(cfg.compile.mode)} on {device.type}")
+
+    if cfg.model.attention_backend == "auto":
+        if cuda and dtype in (torch.float16, torch.bfloat16):
+            why_not = fa4_usable(device, dtype)
+            cfg.model.attention_backend = "cudnn" if why_not else "fa4"
+            chosen["model.attention_backend"] = (f"cudnn: FlashAttention-4 not usable ({why_not})" if why_not
+                                                 else "fa4: flash-attn-4 installed and this GPU runs it")
+        else:
+            cfg.model.attention_backend = "sdpa"
+            chosen["model.attention_backend"] = f"sdpa: PyTorch's own choice ({device.type}, {_value(cfg.dtype)})"
+
+    if cfg.compile.offload_text_tower is None:
+        if not cuda:
+            cfg.compile.offload_text_tower, why = False, "on the CPU"
+        else:
+            video_w, text_w = parameter_bytes(model_cfg, dtype)
+            need = video_w + text_w + request_bytes(model_cfg, request, dtype)
+            free = _free_cuda_bytes(device)
+            cfg.compile.offload_text_tower = need > 0.9 * free
+            why = (f"weights {(video_w + text_w) / _GIB:.1f} GiB + request ≈{(need - video_w - text_w) / _GIB:.1f} "
+                   f"GiB {'>' if cfg.compile.offload_text_tower else '<='} 90% of {free / _GIB:.1f} GiB free")
+        chosen["compile.offload_text_tower"] = f"{cfg.compile.offload_text_tower}: {why}"
+    if cfg.compile.pin_text_tower is None:
+        cfg.compile.pin_text_tower = bool(cfg.compile.offload_text_tower and cuda)
+        chosen["compile.pin_text_tower"] = (f"{cfg.compile.pin_text_tower}: "
+                                            + ("follows the offload" if cuda else "on the CPU"))
+
+    if cfg.model.vae_tiles is None:
+        tiles = 1
+        if cuda:
+            vae_dtype = getattr(torch, _value(cfg.model.vae_dtype)) if cfg.model.vae_dtype is not None else dtype
+            dec_dim = checkpoint.vae.decoder_base_dim if checkpoint is not None else FULL_VAE_DECODER_DIM
+            video_w, text_w = parameter_bytes(model_cfg, dtype)
+            resident = video_w + (0 if cfg.compile.offload_text_tower else text_w) + request_bytes(
+                model_cfg, request, dtype)
+            room = 0.9 * _free_cuda_bytes(device) - resident
+            latent_width = request.width // 16
+            while tiles < latent_width and decode_bytes(dec_dim, request, vae_dtype, tiles) > room:
+                tiles *= 2
+            tiles = min(tiles, latent_width)
+            why = (f"decode ≈{decode_bytes(dec_dim, request, vae_dtype, tiles) / _GIB:.1f} GiB beside "
+                   f"≈{resident / _GIB:.1f} GiB held")
+        else:
+            why = "on the CPU"
+        cfg.model.vae_tiles = tiles
+        chosen["model.vae_tiles"] = f"{tiles}: {why}"
+
+    if cfg.compile.cache_dir == "auto":
+        compiles = _value(cfg.compile.mode) != "eager" or _value(cfg.compile.vae) != "eager"
+        cfg.compile.cache_dir = default_cache_dir() if compiles else None
+        chosen["compile.cache_dir"] = (f"{cfg.compile.cache_dir}: " + (
+            "the persistent compile cache (compile.cache_dir=null disables it)" if compiles else "nothing compiles"))
+
+    if cfg.sampler.use_system_prompt is None:
+        flag, why = True, "the reference's default"
+        index = checkpoint.folder / "model_index.json" if checkpoint is not None else None
+        if index is not None and index.is_file():
+            raw = json.loads(index.read_text()).get("default_use_system_prompt")
+            if isinstance(raw, bool):
+                flag, why = raw, "the checkpoint's model_index.json default_use_system_prompt"
+        cfg.sampler.use_system_prompt = flag
+        chosen["sampler.use_system_prompt"] = f"{flag}: {why}"
+    return cfg, chosen
+
+
+__all__ = ["request_defaults", "machine_defaults", "embedded_tiny", "default_cache_dir", "REFERENCE_SIZE",
+           "parameter_bytes", "request_bytes", "decode_bytes", "checkpoint_dtype"]
