@@ -103,6 +103,8 @@ def _generate(cfg: DictConfig, job: Job, par: Parallel | None, t_start: float) -
     _sync(device)
     metrics["seconds"]["load"] = time.perf_counter() - t0
     metrics["source"] = models.source
+    if models.load_stats and metrics["models"] == "loaded":
+        metrics["transformer_read"] = models.load_stats
     if par is not None:
         metrics["parallel"] = par.describe()
     models.plan.start_job()

@@ -34,13 +34,14 @@ class Models:
     plan: CompilePlan
     row_decode: bool  # the VAE decode is split by rows over every rank of the job
     device: torch.device
+    load_stats: dict  # the transformer weights read: bytes, seconds, GB/s (empty for the embedded default)
 
 
 def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel | None) -> Models:
     """Read the weights (checkpoint or embedded default), set the backends, apply the parallel layout and the
     compile plan."""
     s = job.settings
-    offload_text = cfg.compile.offload_text_tower
+    offload_text, stats = cfg.compile.offload_text_tower, {}
     if job.checkpoint is None:
         transformer, vae, tokenizer = build_embedded(cfg.model.name, cfg.model.init_seed, device, s.dtype,
                                                      s.vae_dtype, offload_text_tower=offload_text)
@@ -48,8 +49,10 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
     else:
         transformer, vae, tokenizer = load_checkpoint(job.checkpoint, device, s.dtype, s.vae_dtype,
                                                       with_encoder=job.request.image_to_video,
-                                                      offload_text_tower=offload_text)
+                                                      offload_text_tower=offload_text, stats=stats)
         source = str(job.checkpoint.folder)
+        if stats.get("seconds"):
+            stats["gb_per_s"] = stats["bytes"] / stats["seconds"] / 1e9
     transformer.set_attention_backend(s.attention_backend)
     transformer.set_fused_qk_rope(s.fused_qk_rope)
     if cfg.compile.pin_text_tower:
@@ -62,7 +65,7 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
     plan = CompilePlan.from_config(cfg.compile)
     plan.apply(transformer, vae)
     row_decode = par is not None and cfg.parallel.vae_rows and apply_row_parallel_decode(vae, par) is not None
-    return Models(transformer, vae, tokenizer, source, plan, row_decode, device)
+    return Models(transformer, vae, tokenizer, source, plan, row_decode, device, stats)
 
 
 def resident_key(cfg: DictConfig, job: Job) -> str:

@@ -131,3 +131,13 @@ def test_metrics_record_what_auto_chose(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["auto"]["device"].startswith("cpu:") and metrics["config"]["device"] == "cpu"
     assert "height" not in metrics["auto"] and state.request.height == 32
+
+
+def test_metrics_record_the_weights_read(tmp_path, tiny_bf16):
+    generate(compose_generate([f"checkpoint={tiny_bf16}", "height=32", "width=32", "num_frames=1",
+                               "sampler.num_inference_steps=1", "output.video=false", "output.progress=false"]),
+             tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    read = metrics["transformer_read"]
+    assert read["bytes"] > 0 and read["seconds"] > 0 and read["gb_per_s"] > 0
+    assert metrics["auto"]["sampler.use_system_prompt"].startswith("False")

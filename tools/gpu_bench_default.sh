@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The plain command on one GPU: a Nano-size checkpoint written by tools/make_nano_checkpoint.py, then
+# `cosmos3-generate checkpoint=<it> prompt=...` with no other overrides (the reference's 1280x720x189, 35 steps,
+# CFG 6; every `auto` resolved on this machine), in a fresh process. Results under $OUT (metrics.json, logs).
+# Usage on the device: bash tools/gpu_bench_default.sh [RUNS]   (RUNS fresh processes, the first one cold)
+set -u
+OUT=${OUT:-/tmp/out}; RUNS=${1:-1}; CKPT=${CKPT:-/tmp/cosmos3-nano}
+mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import torch, huggingface_hub; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'hub', huggingface_hub.__version__)"
+  df -h /tmp | tail -1; } > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+if [ ! -f "$CKPT/model_index.json" ]; then
+  /usr/bin/time -f "make_nano_checkpoint %e s wall" python tools/make_nano_checkpoint.py "$CKPT" --device cuda \
+    > "$OUT/make_checkpoint.log" 2>&1; tail -3 "$OUT/make_checkpoint.log"
+fi
+du -sb "$CKPT/transformer" | tee -a "$OUT/machine.txt"
+for i in $(seq 1 "$RUNS"); do
+  mkdir -p "$OUT/run$i" && cd "$OUT/run$i" || exit 1
+  /usr/bin/time -f "run$i %e s wall" python -m cosmos3_compiled.cli checkpoint="$CKPT" \
+    prompt="A red fox trots through fresh snow at dawn, steam rising from its breath." > log.txt 2>&1
+  tail -c 1500 log.txt | tr '\r' '\n' | tail -6
+  cd - > /dev/null
+  f=$(ls "$OUT"/run$i/outputs/*/*/metrics.json 2>/dev/null | head -1)
+  [ -n "$f" ] && python - "$f" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+s = m["seconds"]; st = m.get("steps", {})
+print({k: round(v, 2) for k, v in s.items()})
+print("auto:", json.dumps(m.get("auto"), indent=1))
+print("read:", m.get("transformer_read"), "peak GiB:", m.get("peak_memory_gib"), "compile:", m.get("compile"))
+print("steps:", {k: v for k, v in st.items() if not isinstance(v, list)})
+PY
+done
