@@ -325,6 +325,10 @@ class CompileCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.dir / "inductor")
         os.environ.setdefault("TRITON_CACHE_DIR", str(self.dir / "triton"))
+        # FlashAttention-4's CuTe-DSL kernels: the DSL's own on-disk cache, and flash-attn's exported kernels
+        os.environ.setdefault("CUTE_DSL_CACHE_DIR", str(self.dir / "cute_dsl"))
+        os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+        os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(self.dir / "flash_attn_cute"))
         self.artifacts = self.dir / "cache_artifacts.bin"
         self.loaded = False
         if self.artifacts.is_file():

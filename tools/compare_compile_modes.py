@@ -250,7 +250,8 @@ def reconstruct_command(sweep: Path, jobs: list[Job]) -> tuple[str | None, str]:
 
 def header(sweep: Path, jobs: list[Job]) -> list[str]:
     ok = [j for j in jobs if j.ok]
-    devices = sorted({str(j.config.get("device", (j.metrics or {}).get("config", {}).get("device", "?"))) for j in jobs})
+    # the resolved device (metrics.json) wins over the composed one, which may say `auto`
+    devices = sorted({str((j.metrics or {}).get("config", {}).get("device") or j.config.get("device", "?")) for j in jobs})
     lines = ["# Compile-mode comparison", "", f"- sweep: `{sweep}`", f"- device: {', '.join(devices) or '?'}"]
     names = sorted({str(v) for j in ok if (v := _find(j.metrics, ("device_name", "gpu_name", "cuda_device_name", "gpu")))})
     if names:
