@@ -178,9 +178,17 @@ def check_strict(
         raise CheckpointError("\n".join(lines))
 
 
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_SCALES = (".weight_scale", ".input_scale")  # an FP8 linear's per-tensor scales (fp8.Fp8Linear)
+
+
 def _target_dtype(key: str, file_dtype: torch.dtype, dtype: torch.dtype | None, keep_fp32: tuple[str, ...]):
-    if not file_dtype.is_floating_point:
+    """The dtype a tensor lives in: integers and FP8 weights as stored, FP8 scales and `keep_fp32` in float32,
+    other floating tensors in `dtype` (None: as stored)."""
+    if not file_dtype.is_floating_point or file_dtype in _FP8_DTYPES:
         return file_dtype
+    if key.endswith(_FP8_SCALES):
+        return torch.float32
     return torch.float32 if key.startswith(keep_fp32) else (dtype or file_dtype)
 
 

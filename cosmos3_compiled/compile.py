@@ -63,7 +63,8 @@ def apply_compile(model: torch.nn.Module, settings: CompileConfig, backend: str 
             m.accumulate_into_input = not trees
     if _mode(settings.scope) == "blocks":
         repeated = set(getattr(model, "_repeated_blocks", ()))
-        blocks = [m for m in model.modules() if type(m).__name__ in repeated]
+        # by class name, through the MRO: FSDP2 (sharding.py) makes each sharded block an `FSDP<Block>` subclass
+        blocks = [m for m in model.modules() if any(c.__name__ in repeated for c in type(m).__mro__)]
         if not blocks:
             raise ValueError(f"{type(model).__name__} declares no repeated blocks to compile")
         for block in blocks:

@@ -15,7 +15,7 @@ from .checkpoint import build_random, load_transformer, save_transformer
 from .checkpoint_io import CheckpointError, read_json, weight_files
 from .config import TransformerConfig, preset
 from .prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
-from .scheduler import COSMOS3_SCHEDULER_CONFIG
+from .scheduler import COSMOS3_DISTILLED_SCHEDULER_CONFIG, COSMOS3_SCHEDULER_CONFIG
 from .vae import VAEConfig, WanVAE, build_vae, load_vae, wan22_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,6 +78,9 @@ class CheckpointSpec:
     transformer: TransformerConfig
     vae: VAEConfig
     scheduler: dict  # scheduler_config.json as read
+    # a distilled checkpoint's fixed schedule where diffusers' modular pipeline reads it: `distilled_sigmas` in
+    # modular_model_index.json (else model_index.json, as diffusers falls back); None when absent
+    distilled_sigmas: list | None = None
 
 
 def read_checkpoint(folder: str | Path) -> CheckpointSpec:
@@ -94,7 +97,10 @@ def read_checkpoint(folder: str | Path) -> CheckpointSpec:
     weight_files(folder / "vae")
     cfg.check_vae(vae_cfg.z_dim)
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
-    return CheckpointSpec(folder.resolve(), cfg, vae_cfg, scheduler)
+    index = folder / "modular_model_index.json"
+    index = index if index.is_file() else folder / "model_index.json"
+    distilled = read_json(index).get("distilled_sigmas") if index.is_file() else None
+    return CheckpointSpec(folder.resolve(), cfg, vae_cfg, scheduler, distilled)
 
 
 def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
@@ -108,8 +114,10 @@ def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dty
     return transformer, vae, tokenizer
 
 
-def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0) -> Path:
-    """Write the embedded default model as an official-layout checkpoint folder (fp32 safetensors)."""
+def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0, distilled: bool = False) -> Path:
+    """Write the embedded default model as an official-layout checkpoint folder (fp32 safetensors).
+    `distilled`: with the few-step distilled checkpoints' scheduler (FlowMatchEuler on their fixed 4-step schedule,
+    scheduler_config.json as shipped) instead of the published UniPC one."""
     folder = Path(folder)
     cfg = preset(name)
     transformer = build_random(cfg, seed=seed, fuse=False)
@@ -121,13 +129,14 @@ def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0) -> 
               str(folder / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     (folder / "vae" / "config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
     (folder / "scheduler").mkdir(exist_ok=True)
-    sched = {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.42.1", **COSMOS3_SCHEDULER_CONFIG}
+    base = COSMOS3_DISTILLED_SCHEDULER_CONFIG if distilled else COSMOS3_SCHEDULER_CONFIG
+    sched = {"_class_name": base["_class_name"], "_diffusers_version": "0.42.1", **base}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
     shutil.copytree(BUILTIN_TOKENIZER_DIR, folder / "text_tokenizer", dirs_exist_ok=True)
     index = {
         "_class_name": "Cosmos3OmniPipeline", "_diffusers_version": "0.42.1",
         "transformer": ["diffusers", "Cosmos3OmniTransformer"], "vae": ["diffusers", "AutoencoderKLWan"],
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "scheduler": ["diffusers", sched["_class_name"]], "text_tokenizer": ["transformers", "Qwen2Tokenizer"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

@@ -152,6 +152,23 @@ PRESETS: dict[str, TransformerConfig] = {
     "debug_edge": dataclasses.replace(_DEBUG, hidden_act="relu2", qk_norm_for_text=False, use_und_k_norm_for_gen=True),
     # The reference's defaults: Cosmos3 Nano.
     "nano": TransformerConfig(),
+    # Cosmos3 Super (≈64 B: 32 B text + 32 B video tower), random weights for benchmarks; a real checkpoint's
+    # config.json is always read instead. Confirmed in public code: 64 layers and 8 KV heads (xdit-project/xDiT
+    # xfuser/.../runner_models/cosmos3.py: FP8 overrides for layers 0-9 and 54-63; its Ulysses test: "Cosmos3-Super
+    # ... 8 KV heads"), base_fps 16 and no audio branch (RyukoMatoiFan/ComfyUI-Cosmos3 README: "16 for
+    # Cosmos3-Super", "Cosmos3-Super is video-only"). From the issue / shared/COSMOS3.md (NVIDIA's model card
+    # figures): hidden 5120, 64 query heads. Inferred (both towers start from Qwen3-VL-32B, as Nano's from
+    # Qwen3-VL-8B, whose text config Nano's defaults match): intermediate_size 25600, head_dim 128, rope_theta 5e6,
+    # mRoPE (24, 20, 20), vocab 151936, eps 1e-6, silu MLP, text q/k norm; the count checks it: 487.6 M per layer
+    # and tower × 64 = 31.2 B per tower, + 0.78 B embeddings (tests/test_sharding.py).
+    "super": TransformerConfig(
+        hidden_size=5120,
+        num_hidden_layers=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        intermediate_size=25600,
+        base_fps=16,
+    ),
 }
 
 

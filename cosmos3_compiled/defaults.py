@@ -1,9 +1,12 @@
 """`auto` and unset settings, resolved once per job from the checkpoint, the embedded preset and this machine.
 
-Two passes, both before any weights are read:
+Three passes, all before any weights are read:
 
 - `request_defaults(cfg)`: the request size. With `checkpoint=` it is the reference's default video
   (`Cosmos3OmniPipeline.__call__`: 1280×720, 189 frames); without one, the `model=` preset's size.
+- `sampler_defaults(cfg, fixed_steps)`: steps and guidance, once the scheduler is known. A distilled checkpoint's
+  fixed schedule sets them (its length, guidance 1: the guidance is in its weights, as diffusers' distilled
+  modular blocks resolve them); otherwise the reference's 35 steps and 6.0.
 - `machine_defaults(cfg, checkpoint, request)`: device, dtype, compile modes, attention backend, text-tower
   offload, VAE strips, the compile cache, the system prompt. The embedded default (`model=debug*`, no checkpoint)
   stays on the CPU in float32, eager; everything else follows the machine.
@@ -33,6 +36,8 @@ from .model import Cosmos3Transformer
 
 # The reference's request defaults when a checkpoint is given (diffusers 0.42.1 Cosmos3OmniPipeline.__call__).
 REFERENCE_SIZE = {"height": 720, "width": 1280, "num_frames": 189}
+# Its sampler defaults (the same call; UniPC), for every checkpoint without a fixed schedule and the embedded one.
+REFERENCE_SAMPLER = {"num_inference_steps": 35, "guidance_scale": 6.0}
 CACHE_ENV = "COSMOS3_COMPILED_CACHE_DIR"  # overrides the default compile-cache folder; "" disables it
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "bfloat16", "F32": "float32", "F8_E4M3": "bfloat16"}
 _GIB = 2**30
@@ -61,6 +66,22 @@ def request_defaults(cfg: DictConfig) -> tuple[DictConfig, dict[str, str]]:
         else:
             cfg[key] = int(cfg.model[key])
             chosen[key] = f"{cfg[key]}: model={cfg.model.name} preset's request size (no checkpoint)"
+    return cfg, chosen
+
+
+def sampler_defaults(cfg: DictConfig, fixed_steps: int | None) -> tuple[DictConfig, dict[str, str]]:
+    """sampler.num_inference_steps / guidance_scale left unset. `fixed_steps`: the length of the scheduler's fixed
+    schedule (a distilled checkpoint), None when it takes any step count."""
+    cfg, chosen = _editable(cfg), {}
+    if fixed_steps is None:
+        picks = {key: (value, "the reference's default") for key, value in REFERENCE_SAMPLER.items()}
+    else:
+        picks = {"num_inference_steps": (fixed_steps, "the length of the checkpoint's fixed (distilled) schedule"),
+                 "guidance_scale": (1.0, "a distilled checkpoint: the guidance is in its weights")}
+    for key, (value, why) in picks.items():
+        if cfg.sampler[key] is None:
+            cfg.sampler[key] = value
+            chosen[f"sampler.{key}"] = f"{value}: {why}"
     return cfg, chosen
 
 
@@ -177,9 +198,11 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
     dtype = getattr(torch, _value(cfg.dtype))
 
     if _value(cfg.compile.mode) == "auto":
-        cfg.compile.mode = "cudagraph" if cuda else "eager"
-        chosen["compile.mode"] = (f"{_value(cfg.compile.mode)}: "
-                                  + ("the fastest measured mode on CUDA (docs/benchmarks/)" if cuda else "on the CPU"))
+        sharded = _value(cfg.parallel.shard) == "fsdp"  # FSDP's all-gathers cannot be inside our whole-step graph
+        cfg.compile.mode = ("default" if sharded else "cudagraph") if cuda else "eager"
+        chosen["compile.mode"] = (f"{_value(cfg.compile.mode)}: " + (
+            ("per-layer graphs: parallel.shard=fsdp rules out the whole-step CUDA graph" if sharded
+             else "the fastest measured mode on CUDA (docs/benchmarks/)") if cuda else "on the CPU"))
     if _value(cfg.compile.vae) == "auto":
         compiles = cuda and _value(cfg.compile.mode) != "eager"
         cfg.compile.vae = "default" if compiles else "eager"
@@ -250,5 +273,6 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
     return cfg, chosen
 
 
-__all__ = ["request_defaults", "machine_defaults", "embedded_tiny", "default_cache_dir", "REFERENCE_SIZE",
+__all__ = ["request_defaults", "sampler_defaults", "machine_defaults", "embedded_tiny", "default_cache_dir",
+           "REFERENCE_SIZE", "REFERENCE_SAMPLER",
            "parameter_bytes", "request_bytes", "decode_bytes", "checkpoint_dtype"]

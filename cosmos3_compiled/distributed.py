@@ -1,10 +1,15 @@
 """Scale-out on torch.distributed: process start-up under torchrun (or submitit), the rank layout, and the
 collectives of CFG-parallel and Ulysses sequence-parallel generation.
 
-Rank layout (world = cfg_size × ulysses, cfg_size = 2 with `parallel.cfg`, else 1):
+Rank layout (world = replicas × cfg_size × ulysses, cfg_size = 2 with `parallel.cfg`, else 1; replicas > 1 only
+with `parallel.shard=fsdp`, where every replica computes the same thing and only the weights are split):
 
-    rank r → CFG branch r // ulysses (0 cond, 1 uncond), sequence shard r % ulysses
+    rank r → replica r // (cfg_size·ulysses), CFG branch (r // ulysses) % cfg_size (0 cond, 1 uncond),
+             sequence shard r % ulysses
     Ulysses group of r: the `ulysses` ranks of its CFG branch;  CFG pair of r: the ranks of its shard
+
+The layout is one `DeviceMesh` (replica × cfg × ulysses, `Parallel.mesh`): the CFG and Ulysses groups are its
+dimensions' groups, and weight sharding (`sharding.py`, FSDP2) uses it flattened over every rank.
 
 Every collective is a traceable functional collective (`torch.distributed._functional_collectives`), so
 the compiled video step (fullgraph) keeps them in its graph instead of breaking around them.
@@ -24,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from einops import rearrange
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from . import ops
 from .errors import RequestError
@@ -228,6 +234,9 @@ class Parallel:
     cfg_group: object | None  # the cfg_size ranks holding the same sequence shard (None without CFG parallelism)
     ulysses: Ulysses | None
     vae_rows: bool = False  # the VAE decode is split by rows over every rank (`apply_row_parallel_decode`)
+    mesh: DeviceMesh | None = None  # replica × cfg × ulysses, every rank of the job
+    shard: str = "none"  # weight sharding of the video tower: "none" | "fsdp" (sharding.py, over every rank)
+    replicas: int = 1  # groups of ranks that compute the same thing (> 1 only when sharding)
 
     @property
     def is_writer(self) -> bool:
@@ -239,16 +248,22 @@ class Parallel:
         return both[:1], both[1:]
 
     def describe(self) -> dict:
-        return {"world_size": self.world_size, "backend": self.backend, "cfg": self.cfg_size == 2,
-                "ulysses": self.ulysses.degree if self.ulysses else 1, "vae_rows": self.vae_rows}
+        out = {"world_size": self.world_size, "backend": self.backend, "cfg": self.cfg_size == 2,
+               "ulysses": self.ulysses.degree if self.ulysses else 1, "vae_rows": self.vae_rows}
+        if self.shard != "none":
+            out.update(shard=self.shard, replicas=self.replicas)
+        return out
 
 
-def layout(cfg_parallel: bool, ulysses: int, world: int) -> tuple[int, int]:
-    """(cfg_size, ulysses degree) for the config and world size; ulysses 0 means all remaining ranks."""
+def layout(cfg_parallel: bool, ulysses: int, world: int, shard: bool = False) -> tuple[int, int]:
+    """(cfg_size, ulysses degree) for the config and world size; ulysses 0 means all remaining ranks. With
+    `shard` (weight sharding) the world may be a multiple of cfg_size × degree: the replicas (`replicas`)."""
     cfg_size = 2 if cfg_parallel else 1
     degree = ulysses if ulysses > 0 else max(1, world // cfg_size)
     if ulysses < 0:
         raise ParallelError(f"parallel.ulysses must be >= 0 (0 = world size / CFG ranks), got {ulysses}")
+    if shard and world % (cfg_size * degree) == 0:
+        return cfg_size, degree
     if cfg_size * degree != world:
         need = cfg_size * degree
         what = " × ".join((["2 (cfg)"] if cfg_parallel else []) + [f"{degree} (ulysses)"])
@@ -259,9 +274,16 @@ def layout(cfg_parallel: bool, ulysses: int, world: int) -> tuple[int, int]:
     return cfg_size, degree
 
 
+def shard_mode(parallel_cfg) -> str:
+    """parallel.shard as a string ("none" | "fsdp")."""
+    mode = getattr(parallel_cfg, "shard", "none")
+    return str(getattr(mode, "value", mode) or "none")
+
+
 def is_parallel(parallel_cfg) -> bool:
     """Whether the config asks for more than one process (or runs under a multi-process launcher)."""
-    return bool(parallel_cfg.cfg) or int(parallel_cfg.ulysses) != 1 or world_size() > 1
+    return (bool(parallel_cfg.cfg) or int(parallel_cfg.ulysses) != 1 or shard_mode(parallel_cfg) != "none"
+            or world_size() > 1)
 
 
 def resolve_backend(backend: str | None, device_kind: str) -> str:
@@ -289,13 +311,16 @@ def init_parallel(parallel_cfg, device_kind: str) -> Parallel | None:
     world = world_size()
     if not is_parallel(parallel_cfg):
         return None
+    shard = shard_mode(parallel_cfg)
     if world <= 1 and "WORLD_SIZE" not in os.environ:
         need = (2 if parallel_cfg.cfg else 1) * max(1, int(parallel_cfg.ulysses))
+        what = "parallel.shard=fsdp" if shard != "none" and need == 1 else "parallel=cfg/ulysses"
         raise ParallelError(
-            f"parallel=cfg/ulysses needs several processes; launch with "
+            f"{what} needs several processes; launch with "
             f"`torchrun --nproc-per-node {max(need, 2)} -m cosmos3_compiled.cli ...`"
         )
-    cfg_size, degree = layout(bool(parallel_cfg.cfg), int(parallel_cfg.ulysses), world)
+    cfg_size, degree = layout(bool(parallel_cfg.cfg), int(parallel_cfg.ulysses), world, shard=shard != "none")
+    replicas = world // (cfg_size * degree)
     backend = resolve_backend(parallel_cfg.backend, device_kind)
     device = select_device(device_kind)
     if not dist.is_initialized():
@@ -304,21 +329,14 @@ def init_parallel(parallel_cfg, device_kind: str) -> Parallel | None:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, store=store, rank=rank(), world_size=world, **kwargs)
     r = dist.get_rank()
-    cfg_rank, shard = divmod(r, degree)
-    ulysses_groups = [[c * degree + i for i in range(degree)] for c in range(cfg_size)]
-    cfg_groups = [[c * degree + i for c in range(cfg_size)] for i in range(degree)]
-    # every rank creates every group, in the same order (a torch.distributed requirement)
-    sp_group = cfg_group = None
-    for ranks in ulysses_groups:
-        g = dist.new_group(ranks) if degree > 1 else None
-        if r in ranks:
-            sp_group = g
-    for ranks in cfg_groups:
-        g = dist.new_group(ranks) if cfg_size > 1 else None
-        if r in ranks:
-            cfg_group = g
-    ulysses = Ulysses(degree, shard, sp_group) if degree > 1 else None
-    return Parallel(r, world, device, backend, cfg_size, cfg_rank, cfg_group, ulysses)
+    cfg_rank, seq_shard = divmod(r % (cfg_size * degree), degree)
+    # one mesh; its dimensions' groups are the Ulysses groups (a branch's ranks) and the CFG pairs (a shard's)
+    mesh = init_device_mesh(device.type, (replicas, cfg_size, degree), mesh_dim_names=("replica", "cfg", "ulysses"))
+    sp_group = mesh.get_group("ulysses") if degree > 1 else None
+    cfg_group = mesh.get_group("cfg") if cfg_size > 1 else None
+    ulysses = Ulysses(degree, seq_shard, sp_group) if degree > 1 else None
+    return Parallel(r, world, device, backend, cfg_size, cfg_rank, cfg_group, ulysses, mesh=mesh, shard=shard,
+                    replicas=replicas)
 
 
 def teardown(par: Parallel | None, barrier: bool = True) -> None:

@@ -1,8 +1,10 @@
-"""Writing frames: H.264 MP4 through PyAV (encoded on a background thread), PNG through Pillow."""
+"""Writing frames: H.264 MP4 through PyAV (encoded on a background thread), PNG through Pillow; reading a
+conditioning clip (a video file through PyAV, or a folder of image frames) for video-to-video."""
 
 from __future__ import annotations
 
 import queue
+from collections import deque
 import threading
 import time
 from fractions import Fraction
@@ -194,3 +196,69 @@ def read_video_frames(path: Path) -> np.ndarray:
     """Decode an MP4 back to uint8 [F, H, W, 3] (used by tests to check the file plays)."""
     with av.open(str(path)) as container:
         return np.stack([fr.to_ndarray(format="rgb24") for fr in container.decode(video=0)])
+
+
+# ---- conditioning clips (video-to-video) ------------------------------------------------------------------------
+
+
+def clip_frame_files(folder: Path) -> list[Path]:
+    """A folder clip's frames: its files whose suffix Pillow opens (hidden files skipped), in name order."""
+    Image.init()
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in readable)
+
+
+def _pick(items: list, count: int, keep: str) -> list:
+    return items[:count] if keep == "first" else items[-count:]
+
+
+def probe_clip(path: Path, count: int, keep: str) -> None:
+    """Raise ValueError (one line) unless `read_clip(path, count, keep)` will find frames: a video file must
+    open with a video stream whose first frame decodes; a folder must hold image frames, and the ones that
+    will be read must be readable images (headers checked)."""
+    path = Path(path)
+    if path.is_dir():
+        files = clip_frame_files(path)
+        if not files:
+            raise ValueError(f"video folder {path} holds no image frames")
+        for file in _pick(files, count, keep):
+            try:
+                with Image.open(file) as im:
+                    im.verify()
+            except Exception as err:
+                raise ValueError(f"video frame {file} is not a readable image ({err})") from None
+        return
+    if not path.is_file():
+        raise ValueError(f"video {path} does not exist (a video file or a folder of image frames)")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            first = next(container.decode(video=0), None)
+    except Exception as err:
+        raise ValueError(f"video {path} is not a readable video ({err})") from None
+    if first is None:
+        raise ValueError(f"video {path} has no frames")
+
+
+def read_clip(path: Path, count: int, keep: str) -> list[Image.Image]:
+    """The first (`keep="first"`) or last `count` frames of a clip as RGB Pillow images, fewer when the clip is
+    shorter. A video file is decoded with PyAV (up to the frames it needs); a folder's frames are its image files
+    in name order (`clip_frame_files`)."""
+    path = Path(path)
+    if path.is_dir():
+        frames = []
+        for file in _pick(clip_frame_files(path), count, keep):
+            with Image.open(file) as im:
+                frames.append(im.convert("RGB"))
+        return frames
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        decoded: deque = deque(maxlen=count)  # "last": a sliding window over the whole clip
+        for frame in container.decode(stream):
+            decoded.append(frame)
+            if keep == "first" and len(decoded) == count:
+                break
+        return [frame.to_image() for frame in decoded]

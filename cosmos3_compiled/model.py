@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import attention, ops
+from . import attention, fp8, ops
 from .config import TransformerConfig
 from .errors import RequestError
 
@@ -54,9 +54,13 @@ class MLP(nn.Module):
         """Replace gate_proj and up_proj by one `gate_up` linear (one GEMM instead of two)."""
         if self.act != "silu" or self.fused:
             return
-        w = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
-        self.gate_up = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        self.gate_up.weight = nn.Parameter(w, requires_grad=False)
+        quantized = fp8.fuse_fp8([self.gate_proj, self.up_proj])  # FP8 checkpoints: one scale per slice
+        if quantized is not None:
+            self.gate_up = quantized
+        else:
+            w = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
+            self.gate_up = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            self.gate_up.weight = nn.Parameter(w, requires_grad=False)
         del self.gate_proj, self.up_proj
         self.fused = True
 
@@ -92,9 +96,10 @@ def fused_qk_rope_supported(device: torch.device, head_dim: int) -> bool:
     return True
 
 
-def add_linear(h: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """h + linear(x); without a bias, accumulated into h in place (see `ops.add_linear_`). h is consumed."""
-    if linear.bias is not None:
+def add_linear(h: torch.Tensor, x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """h + linear(x); for a plain linear without a bias, accumulated into h in place (see `ops.add_linear_`).
+    h is consumed."""
+    if linear.bias is not None or isinstance(linear, fp8.Fp8Linear):
         return h + linear(x)
     ops.add_linear_(h, x, linear.weight)
     return h
@@ -133,12 +138,16 @@ class Attention(nn.Module):
         if self.fused:
             return
         lin = [self.add_q_proj, self.add_k_proj, self.add_v_proj]
-        w = torch.cat([m.weight.data for m in lin])
-        b = torch.cat([m.bias.data for m in lin]) if lin[0].bias is not None else None
-        self.gen_qkv = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-        self.gen_qkv.weight = nn.Parameter(w, requires_grad=False)
-        if b is not None:
-            self.gen_qkv.bias = nn.Parameter(b, requires_grad=False)
+        quantized = fp8.fuse_fp8(lin)  # FP8 checkpoints: one weight and input scale per slice
+        if quantized is not None:
+            self.gen_qkv = quantized
+        else:
+            w = torch.cat([m.weight.data for m in lin])
+            b = torch.cat([m.bias.data for m in lin]) if lin[0].bias is not None else None
+            self.gen_qkv = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            self.gen_qkv.weight = nn.Parameter(w, requires_grad=False)
+            if b is not None:
+                self.gen_qkv.bias = nn.Parameter(b, requires_grad=False)
         del self.add_q_proj, self.add_k_proj, self.add_v_proj
         self.fused = True
 

@@ -19,7 +19,7 @@ from .errors import RequestError
 from .frame_sink import FrameSink, write_metrics
 from .progress import set_progress_enabled
 from .request import Job, prepare, value
-from .resident import RESIDENT, Models, load_models, resident_key
+from .resident import RESIDENT, Models, add_encoder, load_models, resident_key
 from .stages.decode import Decode
 from .stages.denoise import Denoise
 from .stages.latents import Latents
@@ -98,6 +98,8 @@ def _generate(cfg: DictConfig, job: Job, par: Parallel | None, t_start: float) -
     key = resident_key(cfg, job) if cfg.keep_loaded and par is None else None
     models = RESIDENT.take(key)
     metrics["models"] = "reused" if models is not None else "loaded"
+    if models is not None:
+        add_encoder(models, job)
     if models is None:
         models = RESIDENT.hold(key, load_models(cfg, job, device, par))
     _sync(device)

@@ -17,14 +17,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from . import attention
+from . import attention, sharding
 from .components import DTYPES, CheckpointSpec, read_checkpoint
 from .config import TransformerConfig, preset
-from .defaults import REFERENCE_SIZE, machine_defaults, request_defaults
+from .defaults import REFERENCE_SIZE, machine_defaults, request_defaults, sampler_defaults
 from .errors import RequestError
 from .hub import resolve_checkpoint
+from .media import probe_clip
 from .schema import unknown_keys
-from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowUniPCScheduler, merge_schedule_overrides
+from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowMatchEulerScheduler, FlowUniPCScheduler, merge_schedule_overrides
 from .model import check_fused_qk_rope, fused_qk_rope_supported
 
 
@@ -39,14 +40,34 @@ class Request:
     num_frames: int
     fps: float
     seed: int
-    num_inference_steps: int
-    guidance_scale: float
+    num_inference_steps: int | None  # None (unset) only until `prepare` knows the checkpoint's scheduler
+    guidance_scale: float | None  # likewise (`defaults.sampler_defaults`)
     image: Path | None = None
     use_system_prompt: bool = True
+    video: Path | None = None  # video-to-video: the conditioning clip (a video file or a folder of frames)
+    condition_frames: tuple[int, ...] = (0, 1)  # video-to-video: latent frames kept clean
+    condition_keep: str = "first"  # video-to-video: the clip's first or last frames
+    add_resolution_template: bool = True
+    add_duration_template: bool = True
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.num_frames - 1) // 4 + 1, self.height // 16, self.width // 16
+
+    @property
+    def video_to_video(self) -> bool:
+        return self.video is not None
+
+    @property
+    def clip_frames(self) -> int:
+        """Video-to-video: the pixel frames the clean latent frames are encoded from, 4·max(condition_frames)+1
+        (the causal encoder's latent frame k reads pixel frames 0..4k and no later one)."""
+        return 4 * max(self.condition_frames) + 1
+
+    @property
+    def encodes(self) -> bool:
+        """The VAE encoder runs: image- or video-to-video."""
+        return self.image_to_video or self.video_to_video
 
     @property
     def use_cfg(self) -> bool:
@@ -58,7 +79,10 @@ class Request:
 
     @property
     def clean_frames(self) -> tuple[int, ...]:
-        """Latent frames kept clean (not denoised): frame 0 in image-to-video."""
+        """Latent frames kept clean (not denoised): frame 0 in image-to-video, `condition_frames` in
+        video-to-video (in order, once each)."""
+        if self.video_to_video:
+            return tuple(sorted(set(self.condition_frames)))
         return (0,) if self.image_to_video else ()
 
 
@@ -79,7 +103,7 @@ class Job:
     request: Request
     settings: Settings
     checkpoint: CheckpointSpec | None  # None: the embedded default
-    scheduler: FlowUniPCScheduler
+    scheduler: FlowUniPCScheduler | FlowMatchEulerScheduler  # chosen by the checkpoint's scheduler _class_name
     out_dir: Path
     cfg: DictConfig  # the composed config with every `auto` / unset value resolved (what the stages read)
     auto: dict  # {key: "value: why"} for each value chosen by `defaults` (metrics.json `auto`)
@@ -102,6 +126,33 @@ def check_keys(cfg: DictConfig) -> None:
         raise RequestError(f"unknown setting {key!r} (not in the config schema){hint}")
 
 
+def check_video(cfg: DictConfig, num_frames: int) -> tuple[Path | None, tuple[int, ...], str]:
+    """(clip, condition_frames, condition_keep) of a video-to-video request (clip None otherwise), checked as the
+    reference's `check_inputs` does, plus the clip itself: readable, with at least one frame. A clip shorter than
+    the frames needed is no error: its last frame repeats (the reference's padding)."""
+    indexes, keep = tuple(int(i) for i in cfg.condition_frames), str(value(cfg.condition_keep))
+    if cfg.video is None:
+        return None, indexes, keep
+    if cfg.image is not None:
+        raise RequestError("video= (video-to-video) and image= (image-to-video) are two conditionings: pass one")
+    if num_frames == 1:
+        raise RequestError("video conditioning needs num_frames > 1 (num_frames=1 is text-to-image)")
+    if not indexes:
+        raise RequestError("condition_frames is empty: name at least one latent frame to keep clean, e.g. [0,1]")
+    if min(indexes) < 0:
+        raise RequestError(f"condition_frames={list(indexes)}: latent frame indexes must be >= 0")
+    latent_t = (num_frames - 1) // 4 + 1
+    if max(indexes) >= latent_t:
+        raise RequestError(f"condition_frames={list(indexes)}: index {max(indexes)} is past the last latent frame "
+                           f"({latent_t} latent frames for num_frames={num_frames}: indexes 0 to {latent_t - 1})")
+    clip = Path(str(cfg.video)).expanduser()
+    try:
+        probe_clip(clip, 4 * max(indexes) + 1, keep)
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    return clip, indexes, keep
+
+
 def build_request(cfg: DictConfig) -> Request:
     if any(cfg[k] is None for k in REFERENCE_SIZE):
         cfg, _ = request_defaults(cfg)
@@ -121,9 +172,10 @@ def build_request(cfg: DictConfig) -> Request:
         raise RequestError("prompt is empty: pass prompt='...'")
     if fps <= 0:
         raise RequestError(f"fps must be positive, got {fps}")
-    steps = int(cfg.sampler.num_inference_steps)
-    if steps < 1:
+    steps, guidance = cfg.sampler.num_inference_steps, cfg.sampler.guidance_scale  # None: `sampler_defaults`
+    if steps is not None and steps < 1:
         raise RequestError(f"sampler.num_inference_steps must be >= 1, got {steps}")
+    video, indexes, keep = check_video(cfg, f)
     image = None
     if cfg.image is not None:
         image = Path(str(cfg.image)).expanduser()
@@ -138,8 +190,12 @@ def build_request(cfg: DictConfig) -> Request:
             raise RequestError("image conditioning needs num_frames > 1 (with num_frames=1 the reference ignores it)")
     return Request(
         prompt=prompt, negative_prompt=str(cfg.negative_prompt or ""), height=h, width=w, num_frames=f,
-        fps=fps, seed=int(cfg.seed), num_inference_steps=steps, guidance_scale=float(cfg.sampler.guidance_scale),
+        fps=fps, seed=int(cfg.seed), num_inference_steps=None if steps is None else int(steps),
+        guidance_scale=None if guidance is None else float(guidance),
         image=image, use_system_prompt=cfg.sampler.use_system_prompt is None or bool(cfg.sampler.use_system_prompt),
+        video=video, condition_frames=indexes, condition_keep=keep,
+        add_resolution_template=bool(cfg.add_resolution_template),
+        add_duration_template=bool(cfg.add_duration_template),
     )
 
 
@@ -151,6 +207,7 @@ def check_settings(cfg: DictConfig, model: TransformerConfig) -> Settings:
     mode = value(cfg.compile.mode)
     if mode in ("cudagraph", "reduce_overhead", "max_autotune") and device.type != "cuda":
         raise RequestError(f"compile={mode} uses CUDA graphs: it needs device=cuda")
+    sharding.check_compile(value(cfg.parallel.shard), mode, value(cfg.compile.scope))
     backend = str(cfg.model.attention_backend)
     attention.check_backend(backend, device, dtype)
     if cfg.compile.pin_text_tower and not (cfg.compile.offload_text_tower and device.type == "cuda"):
@@ -179,10 +236,34 @@ def check_output_dir(out_dir: Path) -> None:
         raise RequestError(f"output directory {out_dir} is not writable ({err.strerror})") from None
 
 
-def build_scheduler(cfg: DictConfig, checkpoint: CheckpointSpec | None) -> FlowUniPCScheduler:
+def build_scheduler(cfg: DictConfig, checkpoint: CheckpointSpec | None) -> FlowUniPCScheduler | FlowMatchEulerScheduler:
+    """The checkpoint's scheduler, chosen by its `_class_name` (the embedded default: the published UniPC one)."""
     raw = dict(COSMOS3_SCHEDULER_CONFIG) if checkpoint is None else checkpoint.scheduler
-    raw = merge_schedule_overrides(raw, value(cfg.sampler.schedule), float(cfg.sampler.flow_shift))
+    schedule = value(cfg.sampler.schedule)
+    if checkpoint is not None and raw.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        if schedule != "checkpoint":
+            raise RequestError(f"sampler.schedule={schedule} does not apply to this distilled checkpoint: it samples "
+                               "its own fixed schedule (FlowMatchEulerDiscreteScheduler); leave sampler.schedule unset")
+        return FlowMatchEulerScheduler.from_config(raw, checkpoint.distilled_sigmas)
+    raw = merge_schedule_overrides(raw, schedule, float(cfg.sampler.flow_shift))
     return FlowUniPCScheduler.from_config(raw)
+
+
+def check_sampler(request: Request, fixed_steps: int | None) -> None:
+    """What a distilled checkpoint's fixed schedule does not take (`fixed_steps`: its length), refused as the
+    reference's distilled blocks refuse it: another step count, guidance other than 1 (it is in the weights); and a
+    negative prompt, which nothing would read."""
+    if fixed_steps is None:
+        return
+    if request.num_inference_steps != fixed_steps:
+        raise RequestError(f"sampler.num_inference_steps={request.num_inference_steps}: this distilled checkpoint runs "
+                           f"its fixed {fixed_steps}-step schedule; leave it unset or pass {fixed_steps}")
+    if request.guidance_scale != 1.0:
+        raise RequestError(f"sampler.guidance_scale={request.guidance_scale}: this distilled checkpoint has the "
+                           "guidance in its weights; leave it unset or pass 1.0")
+    if request.negative_prompt:
+        raise RequestError("negative_prompt does not apply to a distilled checkpoint (no unconditional pass: the "
+                           "guidance is in its weights); leave it empty")
 
 
 def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
@@ -196,6 +277,12 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
         checkpoint = read_checkpoint(resolve_checkpoint(str(cfg.checkpoint), cfg.checkpoint_revision))
     elif cfg.checkpoint_revision is not None:
         raise RequestError("checkpoint_revision= needs checkpoint=<a Hub id>")
+    scheduler = build_scheduler(cfg, checkpoint)
+    cfg, chosen = sampler_defaults(cfg, scheduler.fixed_steps)
+    auto.update(chosen)
+    request = dataclasses.replace(request, num_inference_steps=int(cfg.sampler.num_inference_steps),
+                                  guidance_scale=float(cfg.sampler.guidance_scale))
+    check_sampler(request, scheduler.fixed_steps)
     model = preset(cfg.model.name) if checkpoint is None else checkpoint.transformer
     cfg, chosen = machine_defaults(cfg, checkpoint, request, model)
     auto.update(chosen)
@@ -204,4 +291,4 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     out_dir = Path(out_dir)
     if writes:
         check_output_dir(out_dir)
-    return Job(request, settings, checkpoint, build_scheduler(cfg, checkpoint), out_dir, cfg, auto)
+    return Job(request, settings, checkpoint, scheduler, out_dir, cfg, auto)

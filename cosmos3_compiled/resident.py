@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import offload
+from . import offload, sharding
 from .compile import CompilePlan, drop_compiled
 from .components import build_embedded, load_checkpoint
 from .distributed import Parallel, apply_row_parallel_decode, apply_sequence_parallel
 from .model import Cosmos3Transformer
 from .prompting import PromptTokenizer
 from .request import Job, value
-from .vae import WanVAE
+from .vae import WanVAE, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
         source = f"embedded:{cfg.model.name}"
     else:
         transformer, vae, tokenizer = load_checkpoint(job.checkpoint, device, s.dtype, s.vae_dtype,
-                                                      with_encoder=job.request.image_to_video,
+                                                      with_encoder=job.request.encodes,
                                                       offload_text_tower=offload_text, stats=stats)
         source = str(job.checkpoint.folder)
         if stats.get("seconds"):
@@ -61,6 +61,8 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
         log.info("text-tower weights page-locked in %.1f s", time.perf_counter() - t0)
     if par is not None:
         apply_sequence_parallel(transformer, par.ulysses)
+        if par.shard == "fsdp":  # after fusion (setup_buffers, at load) and Ulysses; before the compile plan
+            sharding.apply_fsdp(transformer, par.mesh)
     vae.tiles = s.vae_tiles
     plan = CompilePlan.from_config(cfg.compile)
     plan.apply(transformer, vae)
@@ -70,7 +72,8 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
 
 def resident_key(cfg: DictConfig, job: Job) -> str:
     """Everything that decides what `load_models` builds; the request itself (prompt, seed, size, steps,
-    guidance), compile.warmup_steps and the outputs are not part of it."""
+    guidance, its conditioning: models loaded without the VAE encoder gain it in place, `add_encoder`),
+    compile.warmup_steps and the outputs are not part of it."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True).items()
              if k not in ("height", "width", "num_frames")}  # request defaults only
     checkpoint = None if job.checkpoint is None else str(job.checkpoint.folder)
@@ -78,8 +81,21 @@ def resident_key(cfg: DictConfig, job: Job) -> str:
     compile_cfg.pop("warmup_steps")  # read by the denoise stage per job
     return json.dumps({
         "checkpoint": checkpoint, "model": model, "device": value(cfg.device), "dtype": value(cfg.dtype),
-        "compile": compile_cfg, "image_encoder": checkpoint is not None and job.request.image_to_video,
+        "compile": compile_cfg,
     }, sort_keys=True)
+
+
+def add_encoder(models: Models, job: Job) -> None:
+    """Reused models that were loaded for a job without conditioning (no VAE encoder) take the checkpoint's
+    encoder in place for an image- or video-to-video job; the transformer and every compiled graph stay."""
+    vae = models.vae
+    if not job.request.encodes or vae.encoder is not None or job.checkpoint is None:
+        return
+    full = load_vae(job.checkpoint.folder / "vae", dtype=job.settings.vae_dtype, device=models.device,
+                    with_encoder=True, cfg=job.checkpoint.vae)
+    if vae.memory_format == torch.channels_last_3d:
+        full.apply_channels_last_3d()  # the encoder in the layout of the resident decoder
+    vae.encoder, vae.quant_conv = full.encoder, full.quant_conv
 
 
 class Resident:

@@ -21,6 +21,11 @@ shared/COSMOS3.md §5); sglang shifts flow sigmas by 10. :func:`merge_schedule_o
 Known difference from diffusers, outside what the pipeline exercises: when ``timesteps[0]`` occurs
 twice (shift-10 flow sigmas, more than 100 steps) diffusers starts at index 1 and later fails; we
 always start at step 0. Unknown config keys are ignored, as diffusers ignores them.
+
+The few-step distilled checkpoints (Cosmos3-Super-*-4Step) ship a ``FlowMatchEulerDiscreteScheduler`` with a
+fixed schedule instead (:data:`COSMOS3_DISTILLED_SCHEDULER_CONFIG`): :class:`FlowMatchEulerScheduler` runs it as
+diffusers' distilled modular blocks do, with every step's fresh noise drawn ahead of the loop into a static
+buffer (:class:`FlowMatchRun`), so its step is captured the same way.
 """
 
 from __future__ import annotations
@@ -35,14 +40,20 @@ import torch
 from .errors import RequestError
 
 __all__ = [
+    "COSMOS3_DISTILLED_SCHEDULER_CONFIG",
     "COSMOS3_SCHEDULER_CONFIG",
+    "FlowMatchEulerConfig",
+    "FlowMatchEulerScheduler",
+    "FlowMatchRun",
     "FlowUniPCConfig",
     "FlowUniPCScheduler",
     "SchedulerConfigError",
     "UniPCRun",
     "build_coefficients",
+    "build_fixed_schedule",
     "build_schedule",
     "coefficient_row_size",
+    "draw_step_noise",
     "merge_schedule_overrides",
     "unipc_step_",
 ]
@@ -121,29 +132,29 @@ def merge_schedule_overrides(raw: Mapping, schedule: str, flow_shift: float) -> 
     return raw
 
 
-def _fail(key: str, value, expected: str):
+def _fail(key: str, value, expected: str, who: str = "FlowUniPCScheduler"):
     raise SchedulerConfigError(
-        f"scheduler config: {key}={value!r} is not supported by FlowUniPCScheduler; expected {expected}."
+        f"scheduler config: {key}={value!r} is not supported by {who}; expected {expected}."
     )
 
 
-def _as_float(key: str, value, *, positive: bool = True) -> float:
+def _as_float(key: str, value, *, positive: bool = True, who: str = "FlowUniPCScheduler") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(key, value, "a finite number")
+        _fail(key, value, "a finite number", who)
     if positive and value <= 0:
-        _fail(key, value, "a number > 0")
+        _fail(key, value, "a number > 0", who)
     return float(value)
 
 
-def _as_bool(key: str, value) -> bool:
+def _as_bool(key: str, value, who: str = "FlowUniPCScheduler") -> bool:
     if not isinstance(value, bool):
-        _fail(key, value, "true or false")
+        _fail(key, value, "true or false", who)
     return value
 
 
-def _as_count(key: str, value) -> int:
+def _as_count(key: str, value, who: str = "FlowUniPCScheduler") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(key, value, "an integer >= 1")
+        _fail(key, value, "an integer >= 1", who)
     return value
 
 
@@ -179,7 +190,8 @@ class FlowUniPCConfig:
         if class_name != "UniPCMultistepScheduler":
             raise SchedulerConfigError(
                 f"scheduler config: _class_name={class_name!r}; FlowUniPCScheduler only runs "
-                "UniPCMultistepScheduler configs."
+                "UniPCMultistepScheduler configs (FlowMatchEulerScheduler: the distilled checkpoints' "
+                "FlowMatchEulerDiscreteScheduler)."
             )
         c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
 
@@ -495,6 +507,7 @@ class FlowUniPCScheduler:
     """Immutable: holds only the validated config; :meth:`prepare` makes each request's :class:`UniPCRun`."""
 
     config: FlowUniPCConfig
+    fixed_steps = None  # the schedule is computed for any step count (FlowMatchEulerScheduler: a fixed one)
 
     @classmethod
     def from_config(cls, config: Mapping) -> FlowUniPCScheduler:
@@ -519,4 +532,249 @@ class FlowUniPCScheduler:
             history=torch.zeros((self.config.solver_order, *shape), device=device, dtype=dtype),
             last_sample=torch.zeros(shape, device=device, dtype=dtype),
             device_coefficients=coefficients.to(device),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# FlowMatchEuler on a fixed schedule: the few-step distilled checkpoints
+
+
+# The scheduler_config.json of the distilled Cosmos3-Super-Text2Image-4Step / -Image2Video-4Step checkpoints, as
+# shipped (issue 20), for tests and tools.
+COSMOS3_DISTILLED_SCHEDULER_CONFIG: dict = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "fixed_step_requires_explicit_sigmas": True,
+    "fixed_step_sampler_config": {"sample_type": "sde", "t_list": [1.0, 0.9375, 0.8333333333333334, 0.625]},
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "stochastic_sampling": True,
+    "use_dynamic_shifting": False,
+    "use_karras_sigmas": False,
+    "time_shift_type": "exponential",
+    "invert_sigmas": False,
+    "shift_terminal": None,
+}
+
+# diffusers' FlowMatchEulerDiscreteScheduler defaults for the keys that change the schedule or the step.
+_FLOW_MATCH_DEFAULTS: dict = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "time_shift_type": "exponential",
+    "stochastic_sampling": False,
+}
+_FM = "FlowMatchEulerScheduler"
+
+
+def _sigma_list(where: str, value) -> tuple[float, ...]:
+    """A fixed schedule: noise levels in (0, 1], strictly decreasing (a repeated first level would make diffusers
+    start its loop at the second occurrence)."""
+    numbers = (not isinstance(value, (str, bytes)) and isinstance(value, Sequence) and len(value) > 0
+               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+    levels = tuple(float(v) for v in value) if numbers else ()
+    if not numbers or any(not 0.0 < v <= 1.0 for v in levels) or any(a <= b for a, b in zip(levels, levels[1:])):
+        raise SchedulerConfigError(f"{where}={value!r}; expected strictly decreasing noise levels in (0, 1].")
+    return levels
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatchEulerConfig:
+    """The validated FlowMatchEulerDiscreteScheduler settings of a fixed-schedule (distilled) checkpoint.
+
+    ``t_list``: the checkpoint's noise levels, before ``shift`` (and ``shift_terminal``) apply, exactly as
+    diffusers' ``set_timesteps(sigmas=...)`` takes them. Build it with :meth:`from_dict`.
+    """
+
+    num_train_timesteps: int
+    shift: float
+    shift_terminal: float | None
+    stochastic: bool  # stochastic_sampling: re-noise to the next level after every step (SDE); else an Euler step
+    t_list: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, config: Mapping, distilled_sigmas: Sequence[float] | None = None) -> FlowMatchEulerConfig:
+        """`distilled_sigmas`: the checkpoint's modular_model_index.json value of that name, where diffusers'
+        distilled modular pipeline reads the schedule from; the shipped scheduler_config.json carries the same
+        list as ``fixed_step_sampler_config.t_list``. Either one gives the schedule; both must agree."""
+        if not isinstance(config, Mapping):
+            raise SchedulerConfigError(f"scheduler config must be a mapping, got {type(config).__name__}.")
+        class_name = config.get("_class_name")
+        if class_name != "FlowMatchEulerDiscreteScheduler":
+            raise SchedulerConfigError(
+                f"scheduler config: _class_name={class_name!r}; {_FM} only runs FlowMatchEulerDiscreteScheduler "
+                "configs."
+            )
+        c = {**_FLOW_MATCH_DEFAULTS, **{k: v for k, v in config.items() if k in _FLOW_MATCH_DEFAULTS}}
+        if _as_bool("use_dynamic_shifting", c["use_dynamic_shifting"], _FM):
+            _fail("use_dynamic_shifting", True, "false (a fixed schedule gets no resolution-dependent mu)", _FM)
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
+            if _as_bool(key, c[key], _FM):
+                _fail(key, True, "false (the fixed schedule's levels as given)", _FM)
+        if c["time_shift_type"] not in ("exponential", "linear"):
+            _fail("time_shift_type", c["time_shift_type"], "'exponential' or 'linear'", _FM)
+        shift_terminal = c["shift_terminal"]
+        if shift_terminal is not None:
+            shift_terminal = _as_float("shift_terminal", shift_terminal, positive=False, who=_FM)
+            if not 0.0 <= shift_terminal < 1.0:
+                _fail("shift_terminal", shift_terminal, "null or a number in [0, 1)", _FM)
+
+        fixed = config.get("fixed_step_sampler_config")
+        if fixed is not None and not isinstance(fixed, Mapping):
+            _fail("fixed_step_sampler_config", fixed, "a mapping with t_list", _FM)
+        t_list = (fixed or {}).get("t_list")
+        if t_list is not None:
+            t_list = _sigma_list("scheduler config: fixed_step_sampler_config.t_list", t_list)
+        if distilled_sigmas is not None:
+            distilled = _sigma_list("modular_model_index.json: distilled_sigmas", distilled_sigmas)
+            if t_list is not None and distilled != t_list:
+                raise SchedulerConfigError(
+                    f"the checkpoint gives two fixed schedules: modular_model_index.json distilled_sigmas "
+                    f"{list(distilled)} and scheduler_config.json fixed_step_sampler_config.t_list {list(t_list)}."
+                )
+            t_list = distilled
+        if t_list is None:
+            raise SchedulerConfigError(
+                "scheduler config: FlowMatchEulerDiscreteScheduler without a fixed schedule "
+                "(fixed_step_sampler_config.t_list, or distilled_sigmas in modular_model_index.json); only the "
+                "distilled checkpoints' fixed-step sampling is supported."
+            )
+        return cls(
+            num_train_timesteps=_as_count("num_train_timesteps", c["num_train_timesteps"], _FM),
+            shift=_as_float("shift", c["shift"], who=_FM),
+            shift_terminal=shift_terminal,
+            stochastic=_as_bool("stochastic_sampling", c["stochastic_sampling"], _FM),
+            t_list=t_list,
+        )
+
+
+def build_fixed_schedule(cfg: FlowMatchEulerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(timesteps [n] fp32, sigmas [n+1] fp32)`` on the CPU, as diffusers' ``set_timesteps(sigmas=t_list)``:
+    the levels shifted in float32 (then stretched to ``shift_terminal``), timesteps = sigma · num_train_timesteps
+    unrounded, a final level 0."""
+    levels = np.array(cfg.t_list).astype(np.float32)
+    levels = cfg.shift * levels / (1 + (cfg.shift - 1) * levels)
+    if cfg.shift_terminal:
+        complement = 1 - levels
+        levels = 1 - complement / (complement[-1] / (1 - cfg.shift_terminal))
+    sigmas = torch.from_numpy(levels).to(torch.float32)
+    timesteps = sigmas * cfg.num_train_timesteps
+    return timesteps, torch.cat([sigmas, torch.zeros(1)])
+
+
+def draw_step_noise(generator: torch.Generator, shape: Sequence[int], steps: int) -> torch.Tensor:
+    """``[steps, *shape]`` fp32 on the CPU: step i's fresh noise, one ``randn(shape)`` per step from `generator` in
+    step order, as diffusers' stochastic step draws them (a single draw of steps × numel values is not the same:
+    the CPU normal sampler treats each draw's last partial block of 16 on its own)."""
+    out = torch.empty((steps, *shape), dtype=torch.float32)
+    for i in range(steps):
+        out[i] = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    return out
+
+
+@dataclasses.dataclass(eq=False)
+class FlowMatchRun:
+    """One request's fixed-step sampling state. As with :class:`UniPCRun`: ``load_(i)`` outside the graph, ``step_``
+    captured; ``step_`` reads only static buffers (``coeffs``, ``step_index``, ``noise``, ``clean``)."""
+
+    timesteps: torch.Tensor  # [n] fp32, CPU: sigma · num_train_timesteps, unrounded
+    sigmas: torch.Tensor  # [n+1] fp32, CPU, ending at 0
+    coefficients: torch.Tensor  # [n, 4] fp32, CPU: sigma, 1 - next sigma, next sigma, next sigma - sigma
+    coeffs: torch.Tensor  # [4] fp32, device: the row of the current step
+    step_index: torch.Tensor  # [1] int64, device: the current step (selects its noise)
+    noise: torch.Tensor | None  # [n, *shape] fp32, device: every step's noise, drawn ahead (None: not stochastic)
+    clean: torch.Tensor  # [1, C, k, h, w] fp32, device: the clean frames' latents, put back after every step
+    clean_frames: tuple[int, ...]  # their latent-frame indices (k of them)
+    device_coefficients: torch.Tensor
+    device_steps: torch.Tensor  # arange(n) on the device, so load_ never waits on the host
+    index: int = 0  # next step of the convenience ``step``
+
+    def load_(self, i: int) -> None:
+        """Point the static buffers at step ``i`` (device to device: no host sync)."""
+        n = self.coefficients.shape[0]
+        if not 0 <= i < n:
+            raise IndexError(f"step index {i} is outside the {n}-step schedule.")
+        self.coeffs.copy_(self.device_coefficients[i])
+        self.step_index.copy_(self.device_steps[i : i + 1])
+
+    def step_(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Advance ``sample`` in place by the loaded step; traceable, no host sync.
+
+        Stochastic: ``x0 = x - sigma·v``, then ``x = (1 - sigma')·x0 + sigma'·noise_i``; otherwise the Euler step
+        ``x = x + (sigma' - sigma)·v``. Then the clean frames get their latents back (the reference re-anchors
+        them after every step: the re-noising touches every position)."""
+        c = self.coeffs
+        if self.noise is None:
+            out = sample + c[3] * velocity
+        else:
+            x0 = sample - c[0] * velocity
+            out = c[1] * x0 + c[2] * self.noise.index_select(0, self.step_index)[0]
+        sample.copy_(out)
+        for j, frame in enumerate(self.clean_frames):
+            sample[:, :, frame].copy_(self.clean[:, :, j])
+        return sample
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Eager convenience: load the next step, step, advance ``index``."""
+        self.load_(self.index)
+        self.step_(velocity, sample)
+        self.index += 1
+        return sample
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatchEulerScheduler:
+    """Immutable, like :class:`FlowUniPCScheduler`: :meth:`prepare` makes each request's :class:`FlowMatchRun`.
+    Only fixed schedules: the number of steps is the schedule's length (``fixed_steps``)."""
+
+    config: FlowMatchEulerConfig
+
+    @classmethod
+    def from_config(cls, config: Mapping, distilled_sigmas: Sequence[float] | None = None) -> FlowMatchEulerScheduler:
+        return cls(FlowMatchEulerConfig.from_dict(config, distilled_sigmas))
+
+    @property
+    def fixed_steps(self) -> int:
+        return len(self.config.t_list)
+
+    def prepare(
+        self,
+        num_inference_steps: int,
+        latents: torch.Tensor,
+        clean_frames: Sequence[int] = (),
+        generator: torch.Generator | None = None,
+    ) -> FlowMatchRun:
+        """The schedule (CPU) and the static buffers on the latents' device.
+
+        `latents`: the initial latents ([1, C, T, h, w] fp32), whose `clean_frames` hold the clean latents to keep.
+        `generator`: the request's CPU generator where the reference's stands when its loop starts (after the
+        initial noise); a stochastic schedule draws every step's noise from it now, in the reference's order."""
+        n = self.fixed_steps
+        if num_inference_steps != n:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}; this fixed schedule has {n} steps.")
+        timesteps, sigmas = build_fixed_schedule(self.config)
+        current, following = sigmas[:-1], sigmas[1:]
+        coefficients = torch.stack([current, 1.0 - following, following, following - current], dim=1)
+        device = latents.device
+        noise = None
+        if self.config.stochastic:
+            if generator is None:
+                raise ValueError("a stochastic fixed schedule needs the request's generator for its per-step noise.")
+            noise = draw_step_noise(generator, latents.shape, n).to(device)
+        frames = tuple(clean_frames)
+        return FlowMatchRun(
+            timesteps=timesteps,
+            sigmas=sigmas,
+            coefficients=coefficients,
+            coeffs=torch.zeros(coefficients.shape[1], device=device, dtype=torch.float32),
+            step_index=torch.zeros(1, device=device, dtype=torch.int64),
+            noise=noise,
+            clean=latents[:, :, list(frames)].clone(),
+            clean_frames=frames,
+            device_coefficients=coefficients.to(device),
+            device_steps=torch.arange(n, device=device, dtype=torch.int64),
         )

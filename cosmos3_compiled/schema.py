@@ -56,6 +56,11 @@ class CompileScope(str, Enum):
     full = "full"  # the whole video step
 
 
+class ConditionKeep(str, Enum):
+    first = "first"  # the clip's first frames condition the output's start
+    last = "last"  # the clip's last frames do (continue the clip from where it ends)
+
+
 class Schedule(str, Enum):
     checkpoint = "checkpoint"  # whatever scheduler_config.json says
     karras = "karras"  # Karras flow sigmas (published Cosmos3 configs)
@@ -78,8 +83,8 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    num_inference_steps: int = 35
-    guidance_scale: float = 6.0
+    num_inference_steps: Optional[int] = None  # None: the checkpoint's fixed schedule, else the reference's 35
+    guidance_scale: Optional[float] = None  # None: 1.0 for a distilled checkpoint, else the reference's 6.0
     schedule: Schedule = Schedule.checkpoint
     flow_shift: float = 10.0
     use_system_prompt: Optional[bool] = None
@@ -101,12 +106,18 @@ class CompileConfig:
     pin_text_tower: Optional[bool] = None
 
 
+class ShardMode(str, Enum):
+    none = "none"  # every rank holds the whole model
+    fsdp = "fsdp"  # the video tower's weights sharded over every rank (FSDP2, sharding.py)
+
+
 @dataclass
 class ParallelConfig:
     cfg: bool = False
     ulysses: int = 1
     backend: Optional[str] = None
     vae_rows: bool = False
+    shard: ShardMode = ShardMode.none
 
 
 @dataclass
@@ -127,6 +138,11 @@ class GenerateConfig:
     negative_prompt: str = ""
     prompt_file: Optional[str] = None
     image: Optional[str] = None
+    video: Optional[str] = None
+    condition_frames: list[int] = field(default_factory=lambda: [0, 1])
+    condition_keep: ConditionKeep = ConditionKeep.first
+    add_resolution_template: bool = True
+    add_duration_template: bool = True
     height: Optional[int] = None
     width: Optional[int] = None
     num_frames: Optional[int] = None

@@ -10,6 +10,9 @@ pipeline on it, and compare our engine against it:
 Weights are random but not trivial (`helpers.randomize_`: norm gains away from 1, weights of std
 1/sqrt(fan_in), non-zero biases); latents_mean/std are non-zero and different per channel. The scheduler
 is the published Cosmos3 one (`scheduler.COSMOS3_SCHEDULER_CONFIG`) or its shifted-sigma variant.
+
+`load_reference_distilled_pipeline` runs diffusers' distilled modular blocks on a `components.write_checkpoint`
+folder written with the distilled checkpoints' scheduler (`scheduler.COSMOS3_DISTILLED_SCHEDULER_CONFIG`).
 """
 
 from __future__ import annotations
@@ -133,11 +136,17 @@ def _check_layout(root: Path) -> None:
         raise RuntimeError(f"reference checkpoint {root}/transformer has no safetensors weights")
 
 
-def load_reference_transformer(folder: str | Path):
+# The text tower's language-model head: `components.write_checkpoint` does not write it (video generation never
+# reads it), so a reference loaded from such a folder keeps its initial values there.
+TEXT_HEAD = ("norm.weight", "lm_head.weight")
+
+
+def load_reference_transformer(folder: str | Path, allow_missing: tuple[str, ...] = ()):
     """diffusers' Cosmos3OmniTransformer from `<folder>/transformer`, fp32, every weight checked.
 
     Built from config.json and loaded strictly from the safetensors files: diffusers' own from_pretrained
     refuses this model without `accelerate` (its fp32-kept time embedder needs low_cpu_mem_usage).
+    `allow_missing`: parameters the folder may lack (`TEXT_HEAD` for a `write_checkpoint` folder); no other.
     """
     from diffusers import Cosmos3OmniTransformer
     from safetensors.torch import load_file
@@ -147,7 +156,9 @@ def load_reference_transformer(folder: str | Path):
     state: dict[str, torch.Tensor] = {}
     for file in sorted(component.glob("*.safetensors")):
         state.update(load_file(file))
-    model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=not allow_missing)
+    if unexpected or set(missing) - set(allow_missing):
+        raise RuntimeError(f"{component}: missing {sorted(set(missing) - set(allow_missing))}, unexpected {unexpected}")
     return model.float().eval()
 
 
@@ -163,3 +174,38 @@ def load_reference_pipeline(folder: str | Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
+
+
+def load_reference_distilled_pipeline(folder: str | Path):
+    """diffusers' distilled modular pipeline (`Cosmos3DistilledModularPipeline`, `Cosmos3DistilledBlocks`) on the CPU
+    in fp32, safety checker off, from a `components.write_checkpoint(..., distilled=True)` folder.
+
+    diffusers reads the fixed schedule from the pipeline config `distilled_sigmas` (a modular_model_index.json
+    entry); the folder has no such file, so the schedule goes in from where the shipped checkpoints carry it:
+    scheduler_config.json's `fixed_step_sampler_config.t_list`."""
+    from diffusers import (
+        AutoencoderKLWan,
+        Cosmos3DistilledBlocks,
+        Cosmos3DistilledModularPipeline,
+        FlowMatchEulerDiscreteScheduler,
+    )
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    pipe = Cosmos3DistilledModularPipeline(blocks=Cosmos3DistilledBlocks())
+    pipe.update_components(
+        transformer=load_reference_transformer(folder, allow_missing=TEXT_HEAD),
+        vae=AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval(),
+        text_tokenizer=AutoTokenizer.from_pretrained(folder / "text_tokenizer"),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        distilled_sigmas=config["fixed_step_sampler_config"]["t_list"],
+    )
+    pipe.disable_safety_checker()
+    blocks = [pipe._blocks]  # the blocks it runs (`pipe.blocks` is a copy); its denoise loop sits two levels down,
+    while blocks:  # out of reach of pipe.set_progress_bar_config
+        block = blocks.pop()
+        if hasattr(block, "progress_bar"):
+            block.set_progress_bar_config(disable=True)
+        blocks += list(getattr(block, "sub_blocks", {}).values())
+    return pipe

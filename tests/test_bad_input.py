@@ -123,6 +123,59 @@ def test_image_with_one_frame_is_rejected(no_load, tmp_path):
     fails([f"image={img}", "num_frames=1"], tmp_path / "out", "image conditioning needs num_frames > 1")
 
 
+def _clip(folder: Path, frames: int = 2) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(frames):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["num_frames=1"], "video conditioning needs num_frames > 1"),
+    (["condition_frames=[]"], "condition_frames is empty"),
+    (["condition_frames=[0,-1]"], "condition_frames=[0, -1]: latent frame indexes must be >= 0"),
+    (["condition_frames=[0,2]"], "condition_frames=[0, 2]: index 2 is past the last latent frame (2 latent frames "
+                                 "for num_frames=5: indexes 0 to 1)"),
+    (["num_frames=9", "condition_frames=[3]"], "index 3 is past the last latent frame (3 latent frames"),
+])
+def test_bad_video_request(no_load, tmp_path, overrides, match):
+    fails([f"video={_clip(tmp_path / 'clip')}", *overrides], tmp_path / "out", match)
+
+
+def test_video_with_image(no_load, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "cond.png"
+    Image.new("RGB", (8, 8)).save(img)
+    fails([f"video={_clip(tmp_path / 'clip')}", f"image={img}"], tmp_path / "out",
+          "video= (video-to-video) and image= (image-to-video) are two conditionings: pass one")
+
+
+def test_unreadable_video(no_load, tmp_path):
+    missing = tmp_path / "nope.mp4"
+    fails([f"video={missing}"], tmp_path / "out", f"video {missing} does not exist")
+    bogus = tmp_path / "clip.mp4"
+    bogus.write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    fails([f"video={bogus}"], tmp_path / "out", f"video {bogus} is not a readable video (")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no frames here")
+    fails([f"video={empty}"], tmp_path / "out", f"video folder {empty} holds no image frames")
+    broken = _clip(tmp_path / "broken", 3)
+    (broken / "001.png").write_bytes(b"not a png")
+    fails([f"video={broken}"], tmp_path / "out", f"video frame {broken / '001.png'} is not a readable image")
+
+
+def test_short_video_is_padded_not_refused(tmp_path):
+    """One frame for condition_frames=[0,1] (5 needed): the reference repeats the last frame, and so do we."""
+    from cosmos3_compiled.request import prepare
+
+    job = prepare(compose_generate([*SMALL, f"video={_clip(tmp_path / 'clip', 1)}"]), tmp_path / "out")
+    assert job.request.clean_frames == (0, 1) and job.request.clip_frames == 5
+
+
 def test_unwritable_output_dir(no_load, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cosmos3_compiled.schema import Device, DType, FramesOut, GenerateConfig, Schedule
+from cosmos3_compiled.schema import ConditionKeep, Device, DType, FramesOut, GenerateConfig, Schedule
 from helpers import CONF_DIR, compose_generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +99,10 @@ def _check_type(value, annotation, where: str) -> None:
         origin = typing.get_origin(annotation)
     if origin is dict or annotation is dict:
         assert isinstance(value, (dict, DictConfig)), f"{where}: {value!r} is not a mapping"
+    elif origin is list:
+        assert isinstance(value, (list, ListConfig)), f"{where}: {value!r} is not a list"
+        for i, item in enumerate(value):
+            _check_type(item, args[0], f"{where}[{i}]")
     elif annotation is typing.Any:
         pass
     elif is_dataclass(annotation):
@@ -213,6 +217,10 @@ REQUIRED_OVERRIDES = [
     ("output.frames=uint8", "output.frames", FramesOut.uint8),
     ("output.frames=float32", "output.frames", FramesOut.float32),
     ("image=/tmp/cond.png", "image", "/tmp/cond.png"),
+    ("video=/tmp/clip.mp4", "video", "/tmp/clip.mp4"),
+    ("condition_keep=last", "condition_keep", ConditionKeep.last),
+    ("add_resolution_template=false", "add_resolution_template", False),
+    ("add_duration_template=false", "add_duration_template", False),
 ]
 
 
@@ -222,6 +230,13 @@ def test_required_overrides_exist(override, key, expected):
     cfg = compose_generate([override])
     value = OmegaConf.select(cfg, key)
     assert value == expected and type(value) is type(expected), f"{override}: got {value!r}"
+
+
+def test_condition_frames_is_a_typed_int_list():
+    assert list(compose_generate([]).condition_frames) == [0, 1]  # the reference's default
+    assert list(compose_generate(["condition_frames=[0,2]"]).condition_frames) == [0, 2]
+    with pytest.raises(ConfigCompositionException, match=re.escape("Error merging override condition_frames=[a]")):
+        compose_generate(["condition_frames=[a]"])
 
 
 def test_fps_int_is_coerced_to_float():

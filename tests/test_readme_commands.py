@@ -44,13 +44,15 @@ COMPOSE_ONLY = {
     "hydra/launcher": {ANY: "a submitit launcher (cluster jobs or extra processes)"},
     "parallel": {"cfg": PROCESSES, "ulysses": PROCESSES, "cfg_ulysses": PROCESSES},
     "image": {ANY: FILES},
+    "video": {ANY: FILES},
     "prompt_file": {ANY: FILES},
 }
 COMPOSE_ONLY_PREFIXES = {"hydra.launcher.": "a submitit launcher's setting"}
 # keys a CPU run of the tiny default model takes in seconds, whatever their value
 CPU_KEYS = {"prompt", "negative_prompt", "seed", "height", "width", "num_frames", "fps", "dtype", "keep_loaded",
             "output.dir", "hydra.run.dir", "hydra.sweep.dir", "model.vae_tiles", "model.batch_cfg",
-            "compile.cache_dir"}
+            "compile.cache_dir", "condition_frames", "condition_keep", "add_resolution_template",
+            "add_duration_template"}
 CPU_PREFIXES = ("sampler.", "output.", "compile.inductor.")
 # keys a CPU run takes in seconds with these values only
 CPU_VALUES = {"device": {"cpu", "auto"}, "compile": {"eager", "auto"}, "model": {"debug", "debug_edge"},

@@ -1,4 +1,5 @@
-"""Stage: the denoising loop — video step per CFG branch, CFG combine in fp32, UniPC update in place."""
+"""Stage: the denoising loop — video step per CFG branch, CFG combine in fp32, scheduler update in place (UniPC, or a
+distilled checkpoint's FlowMatchEuler step, whose per-step noise sits in a static buffer)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from cosmos3_compiled.compile import CompilePlan
 from cosmos3_compiled.model import Branch, Cosmos3Transformer
 from cosmos3_compiled.progress import progress
-from cosmos3_compiled.scheduler import UniPCRun
+from cosmos3_compiled.scheduler import FlowMatchRun, UniPCRun
 
 from .state import State, log_checksum
 
@@ -21,16 +22,16 @@ class DenoiseStep:
     """One whole denoising step on static buffers: every branch's video step, the CFG combine and the
     scheduler update. Free of host syncs, so it can be compiled or captured in one CUDA graph.
 
-    Inputs live in `timestep` (0-dim fp32) and the run's `coeffs`, both filled before each call; `latents` is
-    updated in place.
+    Inputs live in `timestep` (0-dim fp32) and the run's static buffers (`coeffs`; a FlowMatchRun's step index too),
+    all filled before each call (`run.load_`); `latents` is updated in place.
 
     CFG parallelism: `cfg_gather` (distributed.Parallel.gather_cfg) turns this rank's one branch velocity
     into (cond, uncond) with one collective; every rank then does the same combine and update, so the
     latents stay identical on all ranks.
     """
 
-    def __init__(self, model: Cosmos3Transformer, run: UniPCRun, branches: list[Branch], latents: torch.Tensor,
-                 guidance_scale: float, cfg_gather=None, batch_cfg: bool = False):
+    def __init__(self, model: Cosmos3Transformer, run: UniPCRun | FlowMatchRun, branches: list[Branch],
+                 latents: torch.Tensor, guidance_scale: float, cfg_gather=None, batch_cfg: bool = False):
         self.model, self.run, self.branches = model, run, branches
         self.latents = latents
         self.guidance = guidance_scale

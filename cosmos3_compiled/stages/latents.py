@@ -1,14 +1,17 @@
-"""Stage: initial latents, drawn exactly as the reference draws them; image-to-video keeps frame 0 clean."""
+"""Stage: initial latents, drawn exactly as the reference draws them; image-to-video keeps frame 0 clean,
+video-to-video the clip's encoded `condition_frames`."""
 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cosmos3_compiled.media import read_clip
 from cosmos3_compiled.vae import WanVAE
 
 from .state import State
@@ -28,8 +31,28 @@ def load_conditioning_image(path, height: int, width: int) -> torch.Tensor:
     return x.round().clamp(0, 255) / 127.5 - 1.0
 
 
+def clip_to_tensor(frames: list[Image.Image], height: int, width: int) -> torch.Tensor:
+    """RGB frames → [1, 3, F, H, W] fp32 in [-1, 1], the way diffusers' `VideoProcessor.preprocess_video` treats
+    Pillow frames: each stretched to width × height by Pillow's bilinear resize (no aspect-preserving crop, unlike
+    the image path), scaled to [0, 1] in float32, then 2x − 1."""
+    planes = [np.asarray(f.resize((width, height), resample=Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+              for f in frames]
+    x = torch.from_numpy(np.stack(planes)).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 3, F, H, W] in [0, 1]
+    return 2.0 * x - 1.0
+
+
+def pad_clip(clip: torch.Tensor, frames: int) -> torch.Tensor:
+    """[1, 3, n, H, W] → [1, 3, frames, H, W]: the last frame repeated when the clip is shorter (as the reference
+    fills the output clip's tail), cut when longer."""
+    n = clip.shape[2]
+    if n >= frames:
+        return clip[:, :, :frames]
+    return torch.cat([clip, clip[:, :, -1:].expand(-1, -1, frames - n, -1, -1)], dim=2)
+
+
 class Latents:
-    """Reads request; writes latents [1, channels, T, h, w] fp32 on `device` (the VAE encodes the image)."""
+    """Reads request; writes latents [1, channels, T, h, w] fp32 on `device` (the VAE encodes the image or
+    the clip's conditioning frames), metrics["conditioning"] in video-to-video."""
 
     def __init__(self, vae: WanVAE, channels: int, device: torch.device):
         self.vae, self.channels, self.device = vae, channels, device
@@ -45,5 +68,25 @@ class Latents:
             image = load_conditioning_image(r.image, r.height, r.width).to(self.device, self.vae.dtype)
             x0 = self.vae.encode_mode(image.unsqueeze(2)).float()  # [1, 48, 1, h, w]
             latents[:, :, :1] = x0
+        elif r.video_to_video:
+            state.metrics["conditioning"] = self.encode_clip(r, latents)
         state.latents = latents
         return state
+
+    def encode_clip(self, r, latents: torch.Tensor) -> dict:
+        """Write the clean latent frames of a video-to-video request into `latents`; returns what it did.
+
+        The reference encodes the whole output-length clip (the kept frames, then the last one repeated); the
+        encoder is causal, so its latent frames 0..max(condition_frames) depend on the first `r.clip_frames`
+        pixel frames only, and those are all this encodes."""
+        t0 = time.perf_counter()
+        frames = read_clip(r.video, r.clip_frames, r.condition_keep)
+        clip = pad_clip(clip_to_tensor(frames, r.height, r.width), r.clip_frames)
+        t1 = time.perf_counter()
+        x0 = self.vae.encode_mode(clip).float().to(self.device)  # [1, C, max + 1, h, w]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        clean = list(r.clean_frames)
+        latents[:, :, clean] = x0[:, :, clean]
+        return {"mode": "video_to_video", "source_frames_read": len(frames), "frames_encoded": r.clip_frames,
+                "clean_latent_frames": clean, "read_s": t1 - t0, "encode_s": time.perf_counter() - t1}

@@ -15,7 +15,7 @@ import torch
 
 from cosmos3_compiled.model import Branch
 from cosmos3_compiled.request import Request
-from cosmos3_compiled.scheduler import UniPCRun
+from cosmos3_compiled.scheduler import FlowMatchRun, UniPCRun
 
 
 @dataclass
@@ -25,8 +25,9 @@ class State:
     uncond_ids: list[int] | None = None  # Tokenize (None when guidance is 1)
     branches: list[Branch] = field(default_factory=list)  # TextPass: [cond] or [cond, uncond]; Denoise frees them
     latents: torch.Tensor | None = None  # Latents, then Denoise in place: [1, C, T, h, w] fp32 on the device
-    run: UniPCRun | None = None  # Timesteps: the sampler's schedule and static step buffers, stepped by Denoise
-    timesteps: torch.Tensor | None = None  # Timesteps: [n] int64 (CPU)
+    # Timesteps: the sampler's schedule and static step buffers, stepped by Denoise
+    run: UniPCRun | FlowMatchRun | None = None
+    timesteps: torch.Tensor | None = None  # Timesteps: [n] (CPU): int64 (UniPC), fp32 (distilled FlowMatchEuler)
     video: torch.Tensor | None = None  # Decode: [1, 3, F, H, W] in [-1, 1]; Postprocess drops it
     frames_uint8: torch.Tensor | None = None  # Postprocess: [F, H, W, 3] uint8 (CPU)
     frames_float: torch.Tensor | None = None  # Postprocess (output.frames=float32): [F, H, W, 3] fp32 in [0, 1]

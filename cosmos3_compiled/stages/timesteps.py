@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import torch
 
-from cosmos3_compiled.scheduler import FlowUniPCScheduler
+from cosmos3_compiled.scheduler import FlowMatchEulerScheduler, FlowUniPCScheduler
 
 from .state import State
 
 
 class Timesteps:
-    """Reads request, latents; writes run (the request's `UniPCRun`), timesteps, metrics["timesteps"]."""
+    """Reads request, latents; writes run (the request's `UniPCRun` or `FlowMatchRun`), timesteps,
+    metrics["timesteps"].
 
-    def __init__(self, scheduler: FlowUniPCScheduler, device: torch.device):
+    A distilled checkpoint's sampler re-noises after every step: its noise is drawn here, before the loop, on the
+    request's CPU generator in the reference's order. The reference draws the initial noise and then each step's
+    from one generator; the Latents stage drew the initial noise from a generator seeded with the request's seed,
+    so that one draw is replayed here and the generator goes on exactly where the reference's does. The run also
+    keeps the clean frames' latents (image- or video-to-video), put back after every step."""
+
+    def __init__(self, scheduler: FlowUniPCScheduler | FlowMatchEulerScheduler, device: torch.device):
         self.scheduler, self.device = scheduler, device
 
     def __call__(self, state: State) -> State:
-        state.run = self.scheduler.prepare(state.request.num_inference_steps, state.latents.shape, self.device)
+        r, latents = state.request, state.latents
+        if isinstance(self.scheduler, FlowMatchEulerScheduler):
+            gen = torch.Generator("cpu").manual_seed(r.seed)
+            torch.randn(tuple(latents.shape), generator=gen, dtype=torch.float32)  # the initial noise, replayed
+            state.run = self.scheduler.prepare(r.num_inference_steps, latents, r.clean_frames, gen)
+        else:
+            state.run = self.scheduler.prepare(r.num_inference_steps, latents.shape, self.device)
         state.timesteps = state.run.timesteps
         state.metrics["timesteps"] = state.timesteps.tolist()
         return state

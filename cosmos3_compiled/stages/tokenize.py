@@ -17,7 +17,8 @@ class Tokenize:
         r = state.request
         cond, uncond = build_prompt_ids(
             self.tokenizer, r.prompt, r.negative_prompt, num_frames=r.num_frames, height=r.height, width=r.width,
-            fps=r.fps, use_system_prompt=r.use_system_prompt,
+            fps=r.fps, use_system_prompt=r.use_system_prompt, add_resolution_template=r.add_resolution_template,
+            add_duration_template=r.add_duration_template,
         )
         state.cond_ids, state.uncond_ids = cond, (uncond if r.use_cfg else None)
         state.metrics["text_tokens"] = {"cond": len(cond), "uncond": len(uncond) if r.use_cfg else 0}
