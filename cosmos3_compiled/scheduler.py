@@ -469,8 +469,19 @@ def unipc_step_(
     return sample
 
 
+class EagerStep:
+    """A run's eager convenience over its traceable `load_(i)` / `step_(velocity, sample)`: load the next step,
+    step, advance `index`."""
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        self.load_(self.index)
+        self.step_(velocity, sample)
+        self.index += 1
+        return sample
+
+
 @dataclasses.dataclass(eq=False)
-class UniPCRun:
+class UniPCRun(EagerStep):
     """One request's sampling state. For graph capture, call ``load_(i)`` outside the graph and
     capture ``step_``: its inputs are the static buffers ``coeffs``, ``history``, ``last_sample``."""
 
@@ -494,12 +505,6 @@ class UniPCRun:
         """Advance ``sample`` in place by the step whose row is loaded; traceable, no host sync."""
         return unipc_step_(self.coeffs, velocity, sample, self.history, self.last_sample)
 
-    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Eager convenience: load the next row, step, advance ``index``."""
-        self.load_(self.index)
-        self.step_(velocity, sample)
-        self.index += 1
-        return sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -677,7 +682,7 @@ def draw_step_noise(generator: torch.Generator, shape: Sequence[int], steps: int
 
 
 @dataclasses.dataclass(eq=False)
-class FlowMatchRun:
+class FlowMatchRun(EagerStep):
     """One request's fixed-step sampling state. As with :class:`UniPCRun`: ``load_(i)`` outside the graph, ``step_``
     captured; ``step_`` reads only static buffers (``coeffs``, ``step_index``, ``noise``, ``clean``)."""
 
@@ -718,12 +723,6 @@ class FlowMatchRun:
             sample[:, :, frame].copy_(self.clean[:, :, j])
         return sample
 
-    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Eager convenience: load the next step, step, advance ``index``."""
-        self.load_(self.index)
-        self.step_(velocity, sample)
-        self.index += 1
-        return sample
 
 
 @dataclasses.dataclass(frozen=True)

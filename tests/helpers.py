@@ -115,3 +115,31 @@ def torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 240) -> Ru
            "--tee", "3", "--log-dir", str(log_dir), "-m", "cosmos3_compiled.cli", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     return Run(proc, log_dir)
+
+
+# ---- the video step on several CPU ranks (mp.spawn workers) ----------------------------------------------
+
+STEP_LATENT_SHAPE = (2, 5, 6)  # 2 × 3 × 3 = 18 video tokens: Ulysses 2 gets 9 each
+STEP_TEXT_LENS = (13, 8)  # cond, uncond
+
+
+def step_worker_inputs(rank: int, world: int, port: int):
+    """A spawned rank's torch.distributed environment (one CPU thread), and the inputs every rank shares:
+    (prompt ids per branch, latents, the two timesteps)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(3)
+    ids = [torch.randint(0, 1000, (n,), generator=gen) for n in STEP_TEXT_LENS]
+    latents = torch.randn(1, 48, *STEP_LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
+    return ids, latents, (999.0, 512.0)
+
+
+def setup_step_branches(model, ids):
+    """One CFG branch per prompt at STEP_LATENT_SHAPE, its text pass run."""
+    branches = []
+    for text in ids:
+        b = model.setup_branch(len(text), STEP_LATENT_SHAPE, fps=16.0)
+        model.text_pass(text, b)
+        branches.append(b)
+    return branches

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import compose_generate, subprocess_env, torchrun
+from helpers import (STEP_TEXT_LENS, compose_generate, setup_step_branches, step_worker_inputs,
+                     subprocess_env, torchrun)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -29,8 +30,6 @@ from cosmos3_compiled.vae import RowSplit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR_LAUNCHER = ROOT / "cosmos3_compiled" / "conf" / "hydra" / "launcher"
-LATENT_SHAPE = (2, 5, 6)  # 2 × 3 × 3 = 18 video tokens: Ulysses 2 gets 9 each
-TEXT_LENS = (13, 8)  # cond, uncond
 GUIDANCE = 4.0
 
 
@@ -84,35 +83,20 @@ def test_nccl_on_cpu_is_rejected(monkeypatch):
 # ---- the video step on 2 ranks (torch.multiprocessing, gloo) ---------------------------------------------
 
 
-def _setup(model, ids):
-    branches = []
-    for text in ids:
-        b = model.setup_branch(len(text), LATENT_SHAPE, fps=16.0)
-        model.text_pass(text, b)
-        branches.append(b)
-    return branches
-
-
 def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(3)
-    ids = [torch.randint(0, 1000, (n,), generator=gen) for n in TEXT_LENS]
-    latents = torch.randn(1, 48, *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
-    timesteps = (999.0, 512.0)
+    ids, latents, timesteps = step_worker_inputs(rank, world, port)
     report = {}
     with torch.no_grad():
         # the single-process reference, computed on every rank
         ref = build_random(preset("debug"), seed=5)
-        ref_branches = _setup(ref, ids)
+        ref_branches = setup_step_branches(ref, ids)
         want = {t: [ref(latents, torch.tensor(t), b) for b in ref_branches] for t in timesteps}
         combined = {t: want[t][1] + GUIDANCE * (want[t][0] - want[t][1]) for t in timesteps}
 
         # CFG parallel: one branch per rank, one all-gather, the same fp32 combine everywhere
         par = distributed.init_parallel(OmegaConf.create(dict(cfg=True, ulysses=1, backend="gloo")), "cpu")
         model = build_random(preset("debug"), seed=5)
-        (mine,) = _setup(model, [ids[par.cfg_rank]])
+        (mine,) = setup_step_branches(model, [ids[par.cfg_rank]])
         v = model(latents, torch.tensor(timesteps[0]), mine)
         cond, uncond = par.gather_cfg(v)
         got = uncond + GUIDANCE * (cond - uncond)
@@ -133,8 +117,8 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             counters.clear()
             model = build_random(preset("debug"), seed=5)
             distributed.apply_sequence_parallel(model, par.ulysses)
-            branches = _setup(model, ids)
-            assert branches[0].k_bufs[0].shape == (1, TEXT_LENS[0] + 18, 16)  # 1 of 2 kv heads, every token
+            branches = setup_step_branches(model, ids)
+            assert branches[0].k_bufs[0].shape == (1, STEP_TEXT_LENS[0] + 18, 16)  # 1 of 2 kv heads, every token
             assert branches[0].cos.shape[0] == 9  # this rank's tokens
             if scope != "eager":  # the product's compile, in place (scope "full": `model.compile`)
                 apply_compile(model, CompileConfig(mode="default", scope=scope, fullgraph=True, dynamic=False),

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import compose_generate, torchrun
+from helpers import (compose_generate, setup_step_branches, step_worker_inputs,
+                     torchrun)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -27,8 +28,6 @@ from cosmos3_compiled.model import Cosmos3Transformer
 from cosmos3_compiled.pipeline import generate
 from cosmos3_compiled.schema import CompileConfig
 
-LATENT_SHAPE = (2, 5, 6)  # 18 video tokens
-TEXT_LENS = (13, 8)  # cond, uncond
 GUIDANCE = 4.0
 
 
@@ -76,15 +75,6 @@ def test_shard_without_torchrun_fails_in_one_line(tmp_path, monkeypatch):
 # ---- the sharded video step on 2 ranks --------------------------------------------------------------------
 
 
-def _setup(model, ids):
-    branches = []
-    for text in ids:
-        b = model.setup_branch(len(text), LATENT_SHAPE, fps=16.0)
-        model.text_pass(text, b)
-        branches.append(b)
-    return branches
-
-
 def _video_numel(model) -> int:
     """Elements of the video tower's parameters this rank holds (its shards, when sharded)."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -95,17 +85,11 @@ def _video_numel(model) -> int:
 def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch._dynamo.utils import counters
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(3)
-    ids = [torch.randint(0, 1000, (n,), generator=gen) for n in TEXT_LENS]
-    latents = torch.randn(1, 48, *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
-    timesteps = (999.0, 512.0)
+    ids, latents, timesteps = step_worker_inputs(rank, world, port)
     report = {}
     with torch.no_grad():
         ref = build_random(preset("debug"), seed=5)
-        ref_branches = _setup(ref, ids)
+        ref_branches = setup_step_branches(ref, ids)
         want = {t: [ref(latents, torch.tensor(t), b) for b in ref_branches] for t in timesteps}
         whole = _video_numel(ref)
 
@@ -120,7 +104,7 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             sharding.apply_fsdp(model, par.mesh)
             report["video_fraction"] = _video_numel(model) / whole
             report["text_on_rank"] = all(not hasattr(p, "to_local") for p in offload.text_params(model))
-            branches = _setup(model, ids)
+            branches = setup_step_branches(model, ids)
             if scope == "blocks":
                 apply_compile(model, CompileConfig(mode="default", scope="blocks", fullgraph=True, dynamic=False),
                               backend="aot_eager")
@@ -136,7 +120,7 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.compiler.reset()
         model = build_random(preset("debug"), seed=5)
         sharding.apply_fsdp(model, par.mesh)
-        branches = _setup(model, ids)
+        branches = setup_step_branches(model, ids)
         got = model.forward_batched(latents, torch.tensor(timesteps[1]), branches, *model.setup_batched(branches))
         report["batched_max_abs"] = max((g - w).abs().max().item() for g, w in zip(got, want[timesteps[1]]))
         distributed.teardown(par)
@@ -148,12 +132,12 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             distributed.apply_sequence_parallel(model, par.ulysses)
             sharding.apply_fsdp(model, par.mesh)
             if name == "cfg":
-                (mine,) = _setup(model, [ids[par.cfg_rank]])
+                (mine,) = setup_step_branches(model, [ids[par.cfg_rank]])
                 cond, uncond = par.gather_cfg(model(latents, torch.tensor(timesteps[0]), mine))
                 combined = want[timesteps[0]][1] + GUIDANCE * (want[timesteps[0]][0] - want[timesteps[0]][1])
                 err = (uncond + GUIDANCE * (cond - uncond) - combined).abs().max().item()
             else:
-                branches = _setup(model, ids)
+                branches = setup_step_branches(model, ids)
                 err = max((model(latents, torch.tensor(timesteps[0]), b) - w).abs().max().item()
                           for b, w in zip(branches, want[timesteps[0]]))
             report[f"{name}_max_abs"] = err
