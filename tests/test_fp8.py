@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -325,3 +326,20 @@ def test_tool_checkpoint_a16_equals_the_dequantized_checkpoint(tmp_path):
             m.text_pass(ids, b)
             outs.append(m.video_step(latents, torch.tensor(400.0), b))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * outs[1].abs().max().item()
+
+
+def test_the_pipeline_refuses_fp8_checkpoints_until_the_policy_is_wired(tmp_path):
+    """Faithful first: an FP8 checkpoint loads (above), but a generation would skip the reference's per-step
+    policy, so `prepare` refuses it in one line before any weights are read."""
+    from helpers import compose_generate
+
+    from cosmos3_compiled.components import write_checkpoint
+    from cosmos3_compiled.request import prepare
+
+    src = write_checkpoint(tmp_path / "bf16")
+    dst = _make_fp8_tool().make_fp8_checkpoint(src, tmp_path / "fp8")
+    for part in ("vae", "scheduler", "text_tokenizer"):  # the other components as the bf16 revision has them
+        shutil.copytree(src / part, dst / part, dirs_exist_ok=True)
+    with pytest.raises(RequestError, match="FP8 .* per-step precision policy") as err:
+        prepare(compose_generate([f"checkpoint={dst}", "height=32", "width=32", "num_frames=1"]), tmp_path / "out")
+    assert "\n" not in str(err.value)
