@@ -81,6 +81,9 @@ class CheckpointSpec:
     # a distilled checkpoint's fixed schedule where diffusers' modular pipeline reads it: `distilled_sigmas` in
     # modular_model_index.json (else model_index.json, as diffusers falls back); None when absent
     distilled_sigmas: list | None = None
+    # model_index.json's `default_use_system_prompt` (the pipeline's default when sampler.use_system_prompt is
+    # unset); None when absent or not a bool
+    default_use_system_prompt: bool | None = None
 
 
 def read_checkpoint(folder: str | Path) -> CheckpointSpec:
@@ -97,10 +100,12 @@ def read_checkpoint(folder: str | Path) -> CheckpointSpec:
     weight_files(folder / "vae")
     cfg.check_vae(vae_cfg.z_dim)
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
-    index = folder / "modular_model_index.json"
-    index = index if index.is_file() else folder / "model_index.json"
-    distilled = read_json(index).get("distilled_sigmas") if index.is_file() else None
-    return CheckpointSpec(folder.resolve(), cfg, vae_cfg, scheduler, distilled)
+    pipeline = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    modular = folder / "modular_model_index.json"
+    distilled = (read_json(modular) if modular.is_file() else pipeline).get("distilled_sigmas")
+    system_prompt = pipeline.get("default_use_system_prompt")
+    return CheckpointSpec(folder.resolve(), cfg, vae_cfg, scheduler, distilled,
+                          system_prompt if isinstance(system_prompt, bool) else None)
 
 
 def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,

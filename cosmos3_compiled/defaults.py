@@ -18,7 +18,6 @@ line for each choice made, which metrics.json records under `auto`.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections import Counter
@@ -26,10 +25,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 
 from . import offload
 from .attention import check_backend
+from .checkpoint_io import read_header, weight_files
 from .config import TransformerConfig
 from .errors import RequestError
 from .model import Cosmos3Transformer
@@ -39,7 +38,8 @@ REFERENCE_SIZE = {"height": 720, "width": 1280, "num_frames": 189}
 # Its sampler defaults (the same call; UniPC), for every checkpoint without a fixed schedule and the embedded one.
 REFERENCE_SAMPLER = {"num_inference_steps": 35, "guidance_scale": 6.0}
 CACHE_ENV = "COSMOS3_COMPILED_CACHE_DIR"  # overrides the default compile-cache folder; "" disables it
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "bfloat16", "F32": "float32", "F8_E4M3": "bfloat16"}
+_COMPUTE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "bfloat16", torch.float32: "float32",
+                   torch.float8_e4m3fn: "bfloat16"}  # a checkpoint's weight dtype → the compute dtype it runs in
 _GIB = 2**30
 FULL_VAE_DECODER_DIM = 256  # the released Wan2.2 VAE's decoder width (random-weight presets use it too)
 
@@ -93,19 +93,12 @@ def embedded_tiny(cfg: DictConfig) -> bool:
 def checkpoint_dtype(folder: Path) -> str | None:
     """The floating dtype holding most of the transformer's weights, read from the safetensors headers only
     ("bfloat16" for FP8 weights: their compute dtype)."""
-    index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / "transformer" / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = [folder / "transformer" / "diffusion_pytorch_model.safetensors"]
     counts: Counter = Counter()
-    with safe_open(str(files[0]), framework="pt") as f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            counts[sl.get_dtype()] += math.prod(sl.get_shape())
+    for entry in read_header(weight_files(folder / "transformer")[:1]).values():
+        counts[entry.dtype] += math.prod(entry.shape)
     for dtype, _ in counts.most_common():
-        if dtype in _SAFETENSORS_DTYPES:
-            return _SAFETENSORS_DTYPES[dtype]
+        if dtype in _COMPUTE_DTYPES:
+            return _COMPUTE_DTYPES[dtype]
     return None
 
 
@@ -219,13 +212,17 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
             cfg.model.attention_backend = "sdpa"
             chosen["model.attention_backend"] = f"sdpa: PyTorch's own choice ({device.type}, {_value(cfg.dtype)})"
 
+    budget = None  # (video-tower, text-tower, request, free) bytes: computed once, when a choice needs it
+    if cuda and (cfg.compile.offload_text_tower is None or cfg.model.vae_tiles is None):
+        budget = (*parameter_bytes(model_cfg, dtype), request_bytes(model_cfg, request, dtype),
+                  _free_cuda_bytes(device))
+
     if cfg.compile.offload_text_tower is None:
         if not cuda:
             cfg.compile.offload_text_tower, why = False, "on the CPU"
         else:
-            video_w, text_w = parameter_bytes(model_cfg, dtype)
-            need = video_w + text_w + request_bytes(model_cfg, request, dtype)
-            free = _free_cuda_bytes(device)
+            video_w, text_w, req, free = budget
+            need = video_w + text_w + req
             cfg.compile.offload_text_tower = need > 0.9 * free
             why = (f"weights {(video_w + text_w) / _GIB:.1f} GiB + request ≈{(need - video_w - text_w) / _GIB:.1f} "
                    f"GiB {'>' if cfg.compile.offload_text_tower else '<='} 90% of {free / _GIB:.1f} GiB free")
@@ -240,10 +237,9 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
         if cuda:
             vae_dtype = getattr(torch, _value(cfg.model.vae_dtype)) if cfg.model.vae_dtype is not None else dtype
             dec_dim = checkpoint.vae.decoder_base_dim if checkpoint is not None else FULL_VAE_DECODER_DIM
-            video_w, text_w = parameter_bytes(model_cfg, dtype)
-            resident = video_w + (0 if cfg.compile.offload_text_tower else text_w) + request_bytes(
-                model_cfg, request, dtype)
-            room = 0.9 * _free_cuda_bytes(device) - resident
+            video_w, text_w, req, free = budget
+            resident = video_w + (0 if cfg.compile.offload_text_tower else text_w) + req
+            room = 0.9 * free - resident
             latent_width = request.width // 16
             while tiles < latent_width and decode_bytes(dec_dim, request, vae_dtype, tiles) > room:
                 tiles *= 2
@@ -263,11 +259,9 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
 
     if cfg.sampler.use_system_prompt is None:
         flag, why = True, "the reference's default"
-        index = checkpoint.folder / "model_index.json" if checkpoint is not None else None
-        if index is not None and index.is_file():
-            raw = json.loads(index.read_text()).get("default_use_system_prompt")
-            if isinstance(raw, bool):
-                flag, why = raw, "the checkpoint's model_index.json default_use_system_prompt"
+        if checkpoint is not None and checkpoint.default_use_system_prompt is not None:
+            flag = checkpoint.default_use_system_prompt
+            why = "the checkpoint's model_index.json default_use_system_prompt"
         cfg.sampler.use_system_prompt = flag
         chosen["sampler.use_system_prompt"] = f"{flag}: {why}"
     return cfg, chosen

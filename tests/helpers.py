@@ -3,13 +3,16 @@ models, the text pass done two ways, and torchrun launches whose failures show e
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from cosmos3_compiled.schema import register_configs
@@ -121,6 +124,18 @@ def torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 240) -> Ru
 
 STEP_LATENT_SHAPE = (2, 5, 6)  # 2 × 3 × 3 = 18 video tokens: Ulysses 2 gets 9 each
 STEP_TEXT_LENS = (13, 8)  # cond, uncond
+
+
+def spawn_ranks(worker, world: int, out_dir: Path) -> list[dict]:
+    """Run `worker(rank, world, port, out_dir)` on `world` spawned CPU processes (a free local port for their
+    rendezvous) and return each rank's report, the JSON it wrote to `out_dir/rank<r>.json`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(world, port, str(out_dir)), nprocs=world)
+    reports = [json.loads((Path(out_dir) / f"rank{rank}.json").read_text()) for rank in range(world)]
+    print(reports)
+    return reports
 
 
 def step_worker_inputs(rank: int, world: int, port: int):

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import (STEP_TEXT_LENS, compose_generate, setup_step_branches, step_worker_inputs,
+from helpers import (STEP_TEXT_LENS, compose_generate, setup_step_branches, spawn_ranks, step_worker_inputs,
                      subprocess_env, torchrun)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -31,12 +29,6 @@ from cosmos3_compiled.vae import RowSplit
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR_LAUNCHER = ROOT / "cosmos3_compiled" / "conf" / "hydra" / "launcher"
 GUIDANCE = 4.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- layout and errors (no processes) --------------------------------------------------------------
@@ -157,10 +149,7 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_video_step_cfg_and_ulysses_match_single_process(tmp_path):
-    mp.spawn(_step_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    for rank in range(2):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        print(f"rank {rank}: {r}")
+    for r in spawn_ranks(_step_worker, 2, tmp_path):
         assert r["cfg_exact"], r  # data movement only: bit-identical
         assert r["ulysses_max_abs"] <= 1e-5, r  # GEMMs over N/2 rows may round differently (exact here so far)
         assert r["odd_max_abs"] <= 1e-5, r  # padded queries dropped, padded keys never written
@@ -210,9 +199,7 @@ def _decode_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_row_parallel_decode_is_exact_and_only_rank0_writes(tmp_path):
-    mp.spawn(_decode_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    print(reports)
+    reports = spawn_ranks(_decode_worker, 2, tmp_path)
     # tail input 24 rows (12 latent rows × 2; the split block's ×2 runs in the tail): 12 per rank, each reading
     # a halo of the other's rows (`Decoder.span`) and nothing past the frame's edges
     assert [r["block"] for r in reports] == [[12, 0, 12], [12, 12, 24]]

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import (compose_generate, setup_step_branches, step_worker_inputs,
+from helpers import (compose_generate, setup_step_branches, spawn_ranks, step_worker_inputs,
                      torchrun)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -29,12 +27,6 @@ from cosmos3_compiled.pipeline import generate
 from cosmos3_compiled.schema import CompileConfig
 
 GUIDANCE = 4.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- no processes ----------------------------------------------------------------------------------
@@ -149,10 +141,7 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_sharded_video_step_matches_single_process(tmp_path):
-    mp.spawn(_step_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    for rank in range(2):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        print(f"rank {rank}: {r}")
+    for r in spawn_ranks(_step_worker, 2, tmp_path):
         assert r["replicas"] == 2 and 0.5 <= r["video_fraction"] < 0.52, r  # dim-0 shards (a few rows padded)
         assert r["text_on_rank"], r  # the text tower stays whole (plain tensors) on every rank
         for key in ("eager", "blocks", "batched", "cfg", "ulysses"):
