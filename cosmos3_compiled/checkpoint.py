@@ -43,7 +43,7 @@ def load_transformer(
     if fp8.swap_in_fp8_(model, header):
         fp8.read_quantization_config(folder)  # a quantization this package does not run fails in one line
     ignore = frozenset(
-        k for k in header if k in Cosmos3Transformer.unused_keys or k.startswith(Cosmos3Transformer.unused_prefixes)
+        k for k in header if k in Cosmos3Transformer.unused_keys or k.startswith(model.unused_prefixes)
     )
     load_strict(model, files, dtype, device, ignore=ignore, keep_fp32=Cosmos3Transformer.keep_fp32,
                 where=str(folder), host=offload.is_text_param if offload_text_tower else None, header=header,
@@ -62,7 +62,7 @@ def random_param(name: str, shape: tuple[int, ...], gen: torch.Generator, device
     gives `init_random_`'s weights (tools/make_nano_checkpoint.py draws them a shard at a time)."""
     tmp = torch.empty(shape, device=device, dtype=torch.float32)
     tmp.normal_(generator=gen)
-    if "norm" in name.split(".")[-2]:  # every norm weight: *norm*.weight
+    if "norm" in name.split(".")[-2:][0] and "." in name:  # every norm weight: *norm*.weight
         tmp.mul_(0.1).add_(1.0)
     elif name.endswith("bias"):
         tmp.mul_(0.02)

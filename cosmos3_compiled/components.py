@@ -16,6 +16,7 @@ from .checkpoint_io import CheckpointError, read_json, weight_files
 from .config import TransformerConfig, preset
 from .prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 from .scheduler import COSMOS3_DISTILLED_SCHEDULER_CONFIG, COSMOS3_SCHEDULER_CONFIG
+from .audio import AudioConfig, read_audio_config
 from .vae import VAEConfig, WanVAE, build_vae, load_vae, wan22_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -84,6 +85,8 @@ class CheckpointSpec:
     # model_index.json's `default_use_system_prompt` (the pipeline's default when sampler.use_system_prompt is
     # unset); None when absent or not a bool
     default_use_system_prompt: bool | None = None
+    # sound_tokenizer/config.json (its decoder's shape and rates); None when the folder has no sound_tokenizer/
+    sound: AudioConfig | None = None
 
 
 def read_checkpoint(folder: str | Path) -> CheckpointSpec:
@@ -104,8 +107,9 @@ def read_checkpoint(folder: str | Path) -> CheckpointSpec:
     modular = folder / "modular_model_index.json"
     distilled = (read_json(modular) if modular.is_file() else pipeline).get("distilled_sigmas")
     system_prompt = pipeline.get("default_use_system_prompt")
+    sound = read_audio_config(folder / "sound_tokenizer") if (folder / "sound_tokenizer").is_dir() else None
     return CheckpointSpec(folder.resolve(), cfg, vae_cfg, scheduler, distilled,
-                          system_prompt if isinstance(system_prompt, bool) else None)
+                          system_prompt if isinstance(system_prompt, bool) else None, sound)
 
 
 def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,

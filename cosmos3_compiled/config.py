@@ -40,8 +40,11 @@ class TransformerConfig:
     enable_fps_modulation: bool = True
     unified_3d_mrope_reset_spatial_ids: bool = True
     unified_3d_mrope_temporal_modality_margin: int = 15000
-    # Extra heads that video generation never runs; their weights are accepted and skipped on load.
+    # The audio head (`audio_proj_in/out`, `audio_modality_embed`): loaded when sound_gen, run by `sound=true`.
     sound_gen: bool = False
+    sound_dim: int = 0  # sound latent channels (the sound tokenizer's vocoder_input_dim); 0: no audio head
+    sound_latent_fps: float = 25.0  # sound latent frames per second (their temporal positions)
+    # An extra head that video generation never runs; its weights are accepted and skipped on load.
     action_gen: bool = False
 
     def __post_init__(self) -> None:
@@ -83,6 +86,10 @@ class TransformerConfig:
                 f"patch_latent_dim ({self.patch_latent_dim}) must equal latent_patch_size² × latent_channel "
                 f"({p}² × {self.latent_channel} = {p * p * self.latent_channel})"
             )
+        if self.sound_gen and self.sound_dim < 1:
+            problems.append(f"sound_gen needs sound_dim >= 1, got {self.sound_dim}")
+        if self.sound_latent_fps <= 0:
+            problems.append(f"sound_latent_fps must be positive, got {self.sound_latent_fps}")
         if self.use_und_k_norm_for_gen and self.qk_norm_for_text:
             problems.append("use_und_k_norm_for_gen only applies when qk_norm_for_text is false")
         if problems:
@@ -119,6 +126,8 @@ class TransformerConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["rope_axes_dim"] = list(self.rope_axes_dim)
+        if not self.sound_dim:
+            d["sound_dim"] = None  # the reference's value for "no audio head"
         return d
 
 

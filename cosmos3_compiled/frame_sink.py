@@ -66,13 +66,15 @@ class FrameSink:
         self._hasher: StreamHasher | None = None
         self.timings: dict[str, float] = {}  # the finished encoder's (Mp4Writer.timings)
 
-    def start(self, video: torch.Tensor, fps: float) -> Callable[[int, int], None]:
-        """Open the encoder for `video` [1, 3, F, H, W] (about to be decoded) → the `on_frames` callback."""
+    def start(self, video: torch.Tensor, fps: float, audio: tuple[torch.Tensor, int] | None = None
+              ) -> Callable[[int, int], None]:
+        """Open the encoder for `video` [1, 3, F, H, W] (about to be decoded) → the `on_frames` callback.
+        `audio`: (waveform [channels, samples] fp32 on the host, sampling rate), muxed as an AAC track."""
         if self._writer is not None:
             raise RuntimeError(f"{self.path}: the frame sink was already started")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _, _, _, h, w = video.shape
-        self._writer = Mp4Writer(partial_path(self.path), w, h, fps, self.crf, self.preset)
+        self._writer = Mp4Writer(partial_path(self.path), w, h, fps, self.crf, self.preset, audio=audio)
         self._hasher = StreamHasher()
         self._frames = FrameStream(video, self._hand_over)
         return self._frames

@@ -1,9 +1,11 @@
-"""Writing frames: H.264 MP4 through PyAV (encoded on a background thread), PNG through Pillow; reading a
-conditioning clip (a video file through PyAV, or a folder of image frames) for video-to-video."""
+"""Writing frames: H.264 MP4 through PyAV (encoded on a background thread, with an optional AAC sound track), PNG
+through Pillow, the waveform as 16-bit PCM WAV (the stdlib `wave`); reading a conditioning clip (a video file
+through PyAV, or a folder of image frames) for video-to-video."""
 
 from __future__ import annotations
 
 import queue
+import wave
 from collections import deque
 import threading
 import time
@@ -23,6 +25,9 @@ from PIL import Image
 _X264_THREAD_TYPE = "FRAME"
 _BT601_MATRIX = 6  # AVCOL_SPC_SMPTE170M
 _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG
+_AAC_BIT_RATE = 192_000  # bits per second of the sound track: transparent for stereo AAC-LC
+_AUDIO_LAYOUTS = {1: "mono", 2: "stereo"}
+_PCM16_SCALE = 32767  # full scale of 16-bit PCM: x in [-1, 1] → round(x · 32767)
 
 
 class FrameConsumer:
@@ -106,9 +111,13 @@ class Mp4Writer(FrameConsumer):
     `write` only queues; `close` waits for the queue, flushes the encoder, finishes the file and re-raises
     any error of the encoder thread; `abort` stops the thread without encoding what is still queued (the
     file is left incomplete: the caller deletes it). As a context manager: close on success, abort on error.
+
+    `audio`: (waveform [channels, samples] float in [-1, 1], sampling rate), 1 or 2 channels: an AAC track of the
+    whole waveform, encoded after the last video frame (the video stream is encoded exactly as without it).
     """
 
-    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int = 18, preset: str = "medium") -> None:
+    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int = 18, preset: str = "medium",
+                 audio: tuple[torch.Tensor | np.ndarray, int] | None = None) -> None:
         if width % 2 or height % 2:
             raise ValueError(f"H.264 yuv420p needs an even width and height, got {width}x{height}")
         self.path = Path(path)
@@ -123,6 +132,16 @@ class Mp4Writer(FrameConsumer):
             # Say so in the stream: untagged, players take HD video (720p and up) for BT.709 and shift its colours.
             self._stream.codec_context.colorspace = _BT601_MATRIX
             self._stream.codec_context.color_range = _LIMITED_RANGE
+            self._audio = None
+            if audio is not None:
+                waveform, rate = audio
+                waveform = np.ascontiguousarray(np.asarray(waveform, dtype=np.float32))
+                if waveform.ndim != 2 or waveform.shape[0] not in _AUDIO_LAYOUTS:
+                    raise ValueError(f"audio must be [1 or 2 channels, samples], got {tuple(waveform.shape)}")
+                layout = _AUDIO_LAYOUTS[waveform.shape[0]]
+                self._audio_stream = self._container.add_stream("aac", rate=int(rate), layout=layout)
+                self._audio_stream.bit_rate = _AAC_BIT_RATE
+                self._audio = (waveform, int(rate), layout)
         except BaseException:
             self._container.close()
             raise
@@ -170,9 +189,21 @@ class Mp4Writer(FrameConsumer):
             self._encode(frame)
         self.timings["encoding"] += time.perf_counter() - t0
 
+    def _encode_audio(self) -> None:
+        """The whole sound track: one planar float frame (PyAV cuts it into the encoder's frames), then the flush."""
+        waveform, rate, layout = self._audio
+        frame = av.AudioFrame.from_ndarray(waveform, format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, 0
+        for packet in self._audio_stream.encode(frame):
+            self._container.mux(packet)
+        for packet in self._audio_stream.encode(None):
+            self._container.mux(packet)
+
     def _finish(self) -> None:
         t0 = time.perf_counter()
         self._encode(None)
+        if self._audio is not None:
+            self._encode_audio()
         self.timings["flush"] = time.perf_counter() - t0
         self.timings["encoding"] += self.timings["flush"]
         self.timings["finished"] = time.perf_counter() - self._opened
@@ -181,11 +212,34 @@ class Mp4Writer(FrameConsumer):
         self._container.close()
 
 
-def write_mp4(frames: torch.Tensor, path: Path, fps: float, crf: int = 18, preset: str = "medium") -> None:
-    """uint8 frames [F, H, W, 3] → H.264 (yuv420p) MP4 at `fps`; H and W must be even."""
+def write_mp4(frames: torch.Tensor, path: Path, fps: float, crf: int = 18, preset: str = "medium",
+              audio: tuple[torch.Tensor, int] | None = None) -> None:
+    """uint8 frames [F, H, W, 3] → H.264 (yuv420p) MP4 at `fps`; H and W must be even. `audio`: as `Mp4Writer`."""
     _, h, w, _ = frames.shape
-    with Mp4Writer(path, w, h, fps, crf, preset) as writer:
+    with Mp4Writer(path, w, h, fps, crf, preset, audio=audio) as writer:
         writer.write(frames)
+
+
+def write_wav(waveform: torch.Tensor, rate: int, path: Path) -> None:
+    """waveform [channels, samples] in [-1, 1] → 16-bit PCM WAV at `rate`: each sample round(x · 32767), clamped
+    to [-1, 1] first (so it reads back within half a step, 1/65534, of the waveform)."""
+    x = np.asarray(torch.as_tensor(waveform, dtype=torch.float32).cpu())
+    pcm = np.round(np.clip(x, -1.0, 1.0) * _PCM16_SCALE).astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(pcm.shape[0])
+        f.setsampwidth(2)
+        f.setframerate(int(rate))
+        f.writeframes(np.ascontiguousarray(pcm.T).tobytes())  # interleaved frames
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """A 16-bit PCM WAV → (waveform [channels, samples] float32 in [-1, 1], sampling rate)."""
+    with wave.open(str(path), "rb") as f:
+        if f.getsampwidth() != 2:
+            raise ValueError(f"{path}: {8 * f.getsampwidth()}-bit samples; only 16-bit PCM is read")
+        channels, rate = f.getnchannels(), f.getframerate()
+        pcm = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2")
+    return (pcm.reshape(-1, channels).T.astype(np.float32) / _PCM16_SCALE), rate
 
 
 def write_png(frame: torch.Tensor, path: Path) -> None:

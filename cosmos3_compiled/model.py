@@ -297,8 +297,11 @@ class Branch:
 
     k_bufs / v_bufs: per layer `[Hkv, L + N, D]` views (head-major storage for SDPA, token-major for fa4);
     positions [:L] filled by the text pass, positions [L:] by each step.
-    cos / sin: video-token RoPE tables `[N, D/2]` (they depend on L through the temporal offset).
+    cos / sin: video-token RoPE tables `[N + S, D/2]` (they depend on L through the temporal offset).
     noisy: `[T, 1, 1]` 1.0 for frames being denoised, 0.0 for clean conditioning frames.
+    sound_len: S, the sound segment's tokens after the N vision tokens (0: no sound). The video tower's tokens are
+    segments (vision, then sound); the layers see one sequence of N + S tokens and never which segment a token
+    is in: only the embedding before them and the heads after them do.
     """
 
     text_len: int
@@ -308,6 +311,12 @@ class Branch:
     cos: torch.Tensor
     sin: torch.Tensor
     noisy: torch.Tensor
+    sound_len: int = 0
+
+    @property
+    def vision_len(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
 
 
 class Cosmos3Transformer(nn.Module):
@@ -327,6 +336,11 @@ class Cosmos3Transformer(nn.Module):
         self.proj_in = nn.Linear(cfg.patch_latent_dim, cfg.hidden_size)
         self.proj_out = nn.Linear(cfg.hidden_size, cfg.patch_latent_dim)
         self.time_embedder = TimestepEmbedder(cfg.hidden_size)
+        if cfg.sound_gen:  # the sound segment's projections (registered last: the other weights' draws stay put)
+            self.audio_proj_in = nn.Linear(cfg.sound_dim, cfg.hidden_size)
+            self.audio_proj_out = nn.Linear(cfg.hidden_size, cfg.sound_dim)
+            self.audio_modality_embed = nn.Parameter(torch.zeros(cfg.hidden_size))
+            self.unused_prefixes = ("action_",)
         self.tokens = self.local_tokens  # token hook: shard before the layers, gather after
         self.text_weights = ResidentTextWeights()  # text-weight hook around each text layer (offload.py)
 
@@ -384,14 +398,17 @@ class Cosmos3Transformer(nn.Module):
 
     def setup_branch(
         self, text_len: int, latent_shape: tuple[int, int, int], fps: float, clean_frames: tuple[int, ...] = (),
-        temporal_compression: int = 4,
+        temporal_compression: int = 4, sound_len: int = 0,
     ) -> Branch:
-        """Allocate one CFG branch's static buffers and RoPE tables for a text length and latent size.
+        """Allocate one CFG branch's static buffers and RoPE tables for a text length and latent size, and
+        `sound_len` sound latent frames (a sound segment after the vision tokens; 0: none).
 
         The attention path sets the buffers' layout and heads, the token hook the tables' tokens."""
         cfg, dev, dt = self.cfg, self.device, self.dtype
+        if sound_len and not cfg.sound_gen:
+            raise ValueError("a sound segment needs a transformer with sound_gen (its audio head)")
         grid = self.patch_grid(latent_shape)
-        n = grid[0] * grid[1] * grid[2]
+        n = grid[0] * grid[1] * grid[2] + sound_len
         self.tokens.setup_tokens(n)
 
         def kv_buffer() -> torch.Tensor:
@@ -403,6 +420,14 @@ class Cosmos3Transformer(nn.Module):
             grid, text_len, fps, float(cfg.base_fps), cfg.unified_3d_mrope_temporal_modality_margin,
             cfg.enable_fps_modulation, temporal_compression,
         )
+        if sound_len:
+            # sound starts at the vision's temporal offset (the two are temporal siblings) and advances by
+            # base_fps / sound_latent_fps per latent frame (no temporal compression); rows = columns = 0
+            sound = ops.video_positions(
+                (sound_len, 1, 1), text_len, float(cfg.sound_latent_fps), float(cfg.base_fps),
+                cfg.unified_3d_mrope_temporal_modality_margin, cfg.enable_fps_modulation, 1,
+            )
+            pos = torch.cat([pos, sound], dim=1)  # [3, N + S]
         if not cfg.unified_3d_mrope_reset_spatial_ids:
             pos[1:] += text_len + cfg.unified_3d_mrope_temporal_modality_margin
         cos, sin = ops.mrope_tables(pos.to(dev), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, dt)
@@ -410,7 +435,7 @@ class Cosmos3Transformer(nn.Module):
         noisy = torch.ones(grid[0], 1, 1, device=dev, dtype=torch.float32)
         for f in clean_frames:
             noisy[f] = 0.0
-        return Branch(text_len, grid, k_bufs, v_bufs, cos, sin, noisy)
+        return Branch(text_len, grid, k_bufs, v_bufs, cos, sin, noisy, sound_len)
 
     # ---- text tower: once per prompt and CFG branch --------------------------------------------
 
@@ -447,9 +472,25 @@ class Cosmos3Transformer(nn.Module):
 
     # ---- video tower: every denoising step -----------------------------------------------------
 
-    def embed_video(self, latents: torch.Tensor, timestep: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+    def embed_time(self, timestep: torch.Tensor) -> torch.Tensor:
+        """timestep: 0-dim fp32 scheduler timestep (already truncated) → its embedding [1, d] (model dtype)."""
+        return self.time_embedder((timestep.float() * self.cfg.timestep_scale).reshape(1)).to(self.dtype)
+
+    def embed_sound(self, sound: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The sound segment's tokens: latents [C_s, S] → `audio_proj_in` + the modality embedding + the timestep
+        embedding `temb` [1, d] (every sound frame is noisy) → [S, d]."""
+        x = self.audio_proj_in(sound.t().to(self.dtype)) + self.audio_modality_embed  # [S, d]
+        return x + temb
+
+    def sound_velocity(self, h: torch.Tensor) -> torch.Tensor:
+        """The sound segment's head on its final-normed hidden states [S, d] → velocity [C_s, S] fp32."""
+        return self.audio_proj_out(h).t().float()
+
+    def embed_video(self, latents: torch.Tensor, timestep: torch.Tensor, noisy: torch.Tensor,
+                    temb: torch.Tensor | None = None) -> torch.Tensor:
         """Patchify latents [1, C, T, h, w] (zero-padded to even h, w), project, add the timestep embedding
-        to the tokens of noisy frames. timestep: 0-dim fp32 scheduler timestep (already truncated)."""
+        to the tokens of noisy frames. timestep: 0-dim fp32 scheduler timestep (already truncated); `temb`: its
+        embedding when the caller already has it (`embed_time`)."""
         p = self.cfg.latent_patch_size
         x = latents[0].to(self.dtype)
         h, w = x.shape[-2:]
@@ -457,7 +498,7 @@ class Cosmos3Transformer(nn.Module):
         t = x.shape[1]
         tokens = rearrange(x, "c t (h p) (w q) -> (t h w) (p q c)", p=p, q=p)  # [N, p·p·C]
         hid = self.proj_in(tokens)  # [N, d]
-        temb = self.time_embedder((timestep.float() * self.cfg.timestep_scale).reshape(1)).to(hid.dtype)  # [1, d]
+        temb = self.embed_time(timestep) if temb is None else temb  # [1, d]
         hid = hid.view(t, -1, hid.shape[-1]) + noisy.to(hid.dtype) * temb  # [T, h·w, d]
         return hid.view(-1, hid.shape[-1])
 
@@ -469,13 +510,30 @@ class Cosmos3Transformer(nn.Module):
         v = v[:, :, : latent_shape[-2], : latent_shape[-1]].float() * noisy
         return v.unsqueeze(0)
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch) -> torch.Tensor:
-        """The video step: latents [1, C, T, h, w], timestep 0-dim → velocity [1, C, T, h, w] fp32."""
-        h = self.tokens.shard_tokens(self.embed_video(latents, timestep, branch.noisy))  # [N, d] or this rank's
+    def embed_step(self, latents: torch.Tensor, timestep: torch.Tensor, noisy: torch.Tensor,
+                   sound: torch.Tensor | None = None) -> torch.Tensor:
+        """The video tower's input tokens: the vision segment [N, d], then the sound segment's [S, d] when there
+        is one (→ [N + S, d])."""
+        if sound is None:
+            return self.embed_video(latents, timestep, noisy)
+        temb = self.embed_time(timestep)
+        return torch.cat([self.embed_video(latents, timestep, noisy, temb), self.embed_sound(sound, temb)])
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch,
+                sound: torch.Tensor | None = None):
+        """The video step: latents [1, C, T, h, w], timestep 0-dim → velocity [1, C, T, h, w] fp32; with the
+        sound segment's latents `sound` [C_s, S] (a branch set up with `sound_len` S) → (velocity, sound
+        velocity [C_s, S] fp32)."""
+        h = self.tokens.shard_tokens(self.embed_step(latents, timestep, branch.noisy, sound))  # [N (+S), d] or this rank's
         for layer, k_buf, v_buf in zip(self.layers, branch.k_bufs, branch.v_bufs):
             h = layer(h, (k_buf,), (v_buf,), branch.cos, branch.sin)
-        out = self.tokens.gather_tokens(self.proj_out(self.norm_moe_gen(h)))  # [N, p·p·C]
-        return self.unpatchify(out, latents.shape, branch.grid, branch.noisy)
+        if sound is None:
+            out = self.tokens.gather_tokens(self.proj_out(self.norm_moe_gen(h)))  # [N, p·p·C]
+            return self.unpatchify(out, latents.shape, branch.grid, branch.noisy)
+        h = self.tokens.gather_tokens(self.norm_moe_gen(h))  # [N + S, d]: each segment to its own head
+        n = branch.vision_len
+        velocity = self.unpatchify(self.proj_out(h[:n]), latents.shape, branch.grid, branch.noisy)
+        return velocity, self.sound_velocity(h[n:])
 
     @staticmethod
     def setup_batched(branches: list[Branch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,21 +542,31 @@ class Cosmos3Transformer(nn.Module):
 
     def forward_batched(
         self, latents: torch.Tensor, timestep: torch.Tensor, branches: list[Branch], cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> list[torch.Tensor]:
+        sin: torch.Tensor, sound: torch.Tensor | None = None,
+    ) -> list:
         """The video step for several CFG branches at once (same latents and timestep, different text):
         their tokens go through every linear as one batch (bigger GEMMs, fewer launches), attention stays
-        per branch. cos / sin from `setup_batched`. Returns one fp32 velocity per branch."""
-        h = self.embed_video(latents, timestep, branches[0].noisy)  # [N, d]: identical for every branch
+        per branch. cos / sin from `setup_batched`. Returns one fp32 velocity per branch (with `sound`: one
+        (velocity, sound velocity) pair per branch, as `forward`)."""
+        h = self.embed_step(latents, timestep, branches[0].noisy, sound)  # [N (+S), d]: the same for every branch
         h = self.tokens.shard_tokens(h)
         n, count = h.shape[0], len(branches)
         h = h.repeat(count, 1)  # [B·N, d]
         for i, layer in enumerate(self.layers):
             h = layer(h, tuple(b.k_bufs[i] for b in branches), tuple(b.v_bufs[i] for b in branches), cos, sin)
-        out = self.proj_out(self.norm_moe_gen(h))  # [B·N, p·p·C]
-        return [
-            self.unpatchify(self.tokens.gather_tokens(out[i * n : (i + 1) * n]), latents.shape, b.grid, b.noisy)
-            for i, b in enumerate(branches)
-        ]
+        if sound is None:
+            out = self.proj_out(self.norm_moe_gen(h))  # [B·N, p·p·C]
+            return [
+                self.unpatchify(self.tokens.gather_tokens(out[i * n : (i + 1) * n]), latents.shape, b.grid, b.noisy)
+                for i, b in enumerate(branches)
+            ]
+        h = self.norm_moe_gen(h)
+        outs = []
+        for i, b in enumerate(branches):
+            hb = self.tokens.gather_tokens(h[i * n : (i + 1) * n])  # [N + S, d]
+            v = b.vision_len
+            outs.append((self.unpatchify(self.proj_out(hb[:v]), latents.shape, b.grid, b.noisy),
+                         self.sound_velocity(hb[v:])))
+        return outs
 
     video_step = forward

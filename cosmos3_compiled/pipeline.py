@@ -19,8 +19,9 @@ from .errors import RequestError
 from .frame_sink import FrameSink, write_metrics
 from .progress import set_progress_enabled
 from .request import Job, prepare, value
-from .resident import RESIDENT, Models, add_encoder, load_models, resident_key
+from .resident import RESIDENT, Models, add_audio, add_encoder, load_models, resident_key
 from .stages.decode import Decode
+from .stages.decode_sound import DecodeSound
 from .stages.denoise import Denoise
 from .stages.latents import Latents
 from .stages.postprocess import Postprocess
@@ -68,12 +69,14 @@ def build_stages(cfg: DictConfig, job: Job, models: Models, par: Parallel | None
     stages = [
         ("tokenize", Tokenize(models.tokenizer)),
         ("text_pass", TextPass(transformer, only_branch=par.cfg_rank if split_cfg else None)),
-        ("latents", Latents(vae, transformer.cfg.latent_channel, device)),
+        ("latents", Latents(vae, transformer.cfg.latent_channel, device, sound_channels=transformer.cfg.sound_dim)),
         ("timesteps", Timesteps(job.scheduler, device)),
         ("denoise", Denoise(transformer, models.plan, warmup_steps=cfg.compile.warmup_steps,
                             cfg_gather=par.gather_cfg if split_cfg else None,
                             batch_cfg=cfg.model.batch_cfg and not split_cfg and whole_sequence)),
     ]
+    if writes and request.sound_len:  # before the VAE: the frame sink muxes the waveform into video.mp4
+        stages.append(("decode_sound", DecodeSound(models.audio)))
     if writes or models.row_decode:
         stages.append(("decode", Decode(vae, sink)))
     if writes:
@@ -100,6 +103,7 @@ def _generate(cfg: DictConfig, job: Job, par: Parallel | None, t_start: float) -
     metrics["models"] = "reused" if models is not None else "loaded"
     if models is not None:
         add_encoder(models, job)
+        add_audio(models, job)
     if models is None:
         models = RESIDENT.hold(key, load_models(cfg, job, device, par))
     _sync(device)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from . import attention, sharding
+from .audio import AAC_SAMPLE_RATES
 from .components import DTYPES, CheckpointSpec, read_checkpoint
 from .config import TransformerConfig, preset
 from .defaults import REFERENCE_SIZE, machine_defaults, request_defaults, sampler_defaults
@@ -50,6 +51,7 @@ class Request:
     condition_keep: str = "first"  # video-to-video: the clip's first or last frames
     add_resolution_template: bool = True
     add_duration_template: bool = True
+    sound_len: int = 0  # sound=true: the sound segment's latent frames (`check_sound`); 0: no sound
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -267,6 +269,41 @@ def check_sampler(request: Request, fixed_steps: int | None) -> None:
                            "guidance is in its weights); leave it empty")
 
 
+def check_sound(cfg: DictConfig, request: Request, checkpoint: CheckpointSpec | None,
+                scheduler: FlowUniPCScheduler | FlowMatchEulerScheduler) -> int:
+    """The sound segment's latent frames of a `sound=true` request (0 without sound): the checkpoint must be
+    sound-capable (a sound_tokenizer/ folder and a transformer with sound_gen), the request a video on one process
+    sampled by UniPC, and the waveform fit for an AAC track when video.mp4 is written."""
+    if not cfg.sound:
+        return 0
+    if checkpoint is None:
+        raise RequestError(f"sound=true needs a sound-capable checkpoint (sound_tokenizer/ and sound_gen: true); the "
+                           f"embedded model={cfg.model.name} has no sound: pass checkpoint=<folder or Hub id>")
+    where = checkpoint.folder
+    if checkpoint.sound is None:
+        raise RequestError(f"sound=true: checkpoint {where} has no sound_tokenizer/ folder (not a sound-capable "
+                           "checkpoint); drop sound=true")
+    model, audio = checkpoint.transformer, checkpoint.sound
+    if not model.sound_gen:
+        raise RequestError(f"sound=true: {where}/transformer/config.json has sound_gen false (no audio head); "
+                           "drop sound=true")
+    if model.sound_dim != audio.latent_dim:
+        raise RequestError(f"sound=true: the transformer's sound_dim ({model.sound_dim}) does not match the sound "
+                           f"tokenizer's vocoder_input_dim ({audio.latent_dim}) in {where}")
+    if request.num_frames == 1:
+        raise RequestError("sound=true needs a video (num_frames > 1); num_frames=1 is text-to-image")
+    if isinstance(scheduler, FlowMatchEulerScheduler):
+        raise RequestError("sound=true is not supported with a distilled checkpoint's fixed-step sampler")
+    par = cfg.parallel
+    if par.cfg or par.ulysses > 1 or value(par.shard) != "none" or par.vae_rows:
+        raise RequestError("sound=true runs on one process for now: use parallel=none")
+    if cfg.output.video and (audio.audio_channels not in (1, 2) or audio.sampling_rate not in AAC_SAMPLE_RATES):
+        raise RequestError(f"sound=true: a {audio.audio_channels}-channel waveform at {audio.sampling_rate} Hz "
+                           "cannot be muxed into video.mp4 as AAC (1 or 2 channels at a standard AAC rate); "
+                           "output.video=false writes sound.wav alone")
+    return audio.latent_len(request.num_frames, request.fps)
+
+
 def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     """Every check, cheapest first (the request before a Hub download); `writes`: this process writes the
     outputs (global rank 0). `auto` and unset values are resolved here (`defaults`), explicit ones kept."""
@@ -289,6 +326,7 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     request = dataclasses.replace(request, num_inference_steps=int(cfg.sampler.num_inference_steps),
                                   guidance_scale=float(cfg.sampler.guidance_scale))
     check_sampler(request, scheduler.fixed_steps)
+    request = dataclasses.replace(request, sound_len=check_sound(cfg, request, checkpoint, scheduler))
     model = preset(cfg.model.name) if checkpoint is None else checkpoint.transformer
     cfg, chosen = machine_defaults(cfg, checkpoint, request, model)
     auto.update(chosen)

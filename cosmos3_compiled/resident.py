@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import offload, sharding
+from .audio import AudioDecoder, load_audio_decoder
 from .compile import CompilePlan, drop_compiled
 from .components import build_embedded, load_checkpoint
 from .distributed import Parallel, apply_row_parallel_decode, apply_sequence_parallel
@@ -35,6 +36,7 @@ class Models:
     row_decode: bool  # the VAE decode is split by rows over every rank of the job
     device: torch.device
     load_stats: dict  # the transformer weights read: bytes, seconds, GB/s (empty for the embedded default)
+    audio: AudioDecoder | None = None  # the sound tokenizer's decoder (loaded for the first sound=true job)
 
 
 def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel | None) -> Models:
@@ -67,7 +69,18 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
     plan = CompilePlan.from_config(cfg.compile)
     plan.apply(transformer, vae)
     row_decode = par is not None and cfg.parallel.vae_rows and apply_row_parallel_decode(vae, par) is not None
-    return Models(transformer, vae, tokenizer, source, plan, row_decode, device, stats)
+    models = Models(transformer, vae, tokenizer, source, plan, row_decode, device, stats)
+    add_audio(models, job)
+    return models
+
+
+def add_audio(models: Models, job: Job) -> None:
+    """A sound=true job's sound decoder (`audio.load_audio_decoder`: strict, weight norm folded), in the model's
+    dtype on its device; loaded once, kept with the models for later jobs."""
+    if not job.request.sound_len or models.audio is not None:
+        return
+    models.audio = load_audio_decoder(job.checkpoint.folder / "sound_tokenizer", dtype=job.settings.dtype,
+                                      device=models.device, cfg=job.checkpoint.sound)
 
 
 def resident_key(cfg: DictConfig, job: Job) -> str:
@@ -131,7 +144,7 @@ RESIDENT = Resident()
 
 def release(models: Models) -> None:
     """Drop the models and every compiled graph that references them."""
-    models.transformer = models.vae = None
+    models.transformer = models.vae = models.audio = None
     drop_compiled()
     gc.collect()
     if models.device.type == "cuda":

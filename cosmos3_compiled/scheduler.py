@@ -505,6 +505,16 @@ class UniPCRun(EagerStep):
         """Advance ``sample`` in place by the step whose row is loaded; traceable, no host sync."""
         return unipc_step_(self.coeffs, velocity, sample, self.history, self.last_sample)
 
+    def sibling(self, sample_shape: Sequence[int]) -> UniPCRun:
+        """The run of another sample on the same schedule (the sound segment's latents): its own zeroed history,
+        the same coefficient buffers, so this run's ``load_`` loads both. As the reference's per-modality copy of
+        the scheduler: same sigmas, separate history."""
+        shape = tuple(sample_shape)
+        return dataclasses.replace(
+            self, history=self.history.new_zeros((self.history.shape[0], *shape)),
+            last_sample=self.last_sample.new_zeros(shape), index=0,
+        )
+
 
 
 @dataclasses.dataclass(frozen=True)

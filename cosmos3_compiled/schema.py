@@ -143,6 +143,7 @@ class GenerateConfig:
     condition_keep: ConditionKeep = ConditionKeep.first
     add_resolution_template: bool = True
     add_duration_template: bool = True
+    sound: bool = False
     height: Optional[int] = None
     width: Optional[int] = None
     num_frames: Optional[int] = None

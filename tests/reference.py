@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from helpers import randomize_
 
+from cosmos3_compiled.audio import TINY as TINY_AUDIO
 from cosmos3_compiled.prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 from cosmos3_compiled.scheduler import COSMOS3_SCHEDULER_CONFIG
 from cosmos3_compiled.vae import wan22_config
@@ -68,10 +69,12 @@ def make_reference_checkpoint(
     hidden_act: str = "silu",
     qk_norm_for_text: bool = True,
     use_und_k_norm_for_gen: bool = False,
+    sound: bool = False,
 ) -> Path:
     """Write model_index.json, transformer/, vae/, scheduler/, text_tokenizer/ under `root`; return `root`.
 
-    `vocab_size` defaults to the built-in tokenizer size rounded up to a multiple of 64.
+    `vocab_size` defaults to the built-in tokenizer size rounded up to a multiple of 64. `sound`: a sound-capable
+    checkpoint (the transformer's audio head, `sound_gen: true`, and a tiny `sound_tokenizer/`, `make_sound_tokenizer`).
     """
     from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
     from transformers import AutoTokenizer
@@ -96,6 +99,7 @@ def make_reference_checkpoint(
         use_und_k_norm_for_gen=use_und_k_norm_for_gen,
         latent_channel=LATENT_CHANNELS,
         patch_latent_dim=LATENT_CHANNELS * 4,
+        **(dict(sound_gen=True, sound_dim=TINY_AUDIO.latent_dim, sound_latent_fps=25.0) if sound else {}),
     ).float()
     randomize_(transformer, seed)
 
@@ -117,6 +121,7 @@ def make_reference_checkpoint(
         text_tokenizer=text_tokenizer,
         vae=vae,
         scheduler=scheduler,
+        sound_tokenizer=make_sound_tokenizer(seed + 2) if sound else None,
         enable_safety_checker=False,
     )
     pipe.save_pretrained(root, safe_serialization=True)
@@ -125,6 +130,27 @@ def make_reference_checkpoint(
     shutil.copytree(BUILTIN_TOKENIZER_DIR, root / "text_tokenizer")
     _check_layout(root)
     return root
+
+
+def make_sound_tokenizer(seed: int, cfg=None):
+    """diffusers' Cosmos3AVAEAudioTokenizer at the tiny decoder size (`audio.TINY`) with a tiny encoder too (its
+    weights are in the file and must be skipped), fp32, random weights (`helpers.randomize_`, every convolution but
+    the last one scaled down: at full `randomize_` gains the Snake stack is so sensitive that fp32 rounding in the
+    latents grows a thousandfold in the waveform; at these it stays within a few times, the waveform well inside
+    the [-1, 1] clamp)."""
+    from diffusers import Cosmos3AVAEAudioTokenizer
+
+    cfg = cfg or TINY_AUDIO
+    tok = Cosmos3AVAEAudioTokenizer(
+        **cfg.to_dict(), enc_dim=4, enc_c_mults=(1, 2), enc_strides=(4, 80), enc_num_blocks=1, enc_n_fft=8,
+        enc_hop_length=4, enc_latent_dim=2 * cfg.latent_dim,
+    ).float()
+    randomize_(tok, seed)
+    with torch.no_grad():
+        for name, module in tok.decoder.named_modules():
+            if hasattr(module, "weight_g") and name != "conv2":
+                module.weight_g.mul_(0.6)
+    return tok.eval()
 
 
 def _check_layout(root: Path) -> None:

@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class Decode:
-    """Reads latents; writes video [1, 3, F, H, W] in [-1, 1] (VAE dtype). With a `sink`, each finished range of
-    frames also goes to the MP4 encoder during the decode."""
+    """Reads latents (and waveform, sampling_rate: the sink muxes them as the MP4's audio track); writes video
+    [1, 3, F, H, W] in [-1, 1] (VAE dtype). With a `sink`, each finished range of frames also goes to the MP4
+    encoder during the decode."""
 
     def __init__(self, vae: WanVAE, sink: FrameSink | None = None):
         self.vae, self.sink = vae, sink
@@ -36,7 +37,9 @@ class Decode:
         vae = self.vae
         video = torch.empty(vae.output_shape(tuple(state.latents.shape)), dtype=vae.dtype, device=vae.device)
         with self.sink.aborting():
-            vae.decode_frames(state.latents, out=video, on_frames=self.sink.start(video, fps=state.request.fps))
+            audio = None if state.waveform is None else (state.waveform, state.sampling_rate)
+            vae.decode_frames(state.latents, out=video, on_frames=self.sink.start(video, fps=state.request.fps,
+                                                                                  audio=audio))
             if video.is_cuda:  # wait inside the guard: an interrupt during the GPU's tail still stops the sink
                 torch.cuda.synchronize(video.device)
         return video

@@ -28,12 +28,17 @@ class DenoiseStep:
     CFG parallelism: `cfg_gather` (distributed.Parallel.gather_cfg) turns this rank's one branch velocity
     into (cond, uncond) with one collective; every rank then does the same combine and update, so the
     latents stay identical on all ranks.
+
+    Sound (`sound` [C_s, S], `sound_run`): the sound segment rides in the same video steps (the branches were set
+    up with its tokens); its velocity gets the same CFG combine and its own UniPC update, inside this one step.
     """
 
     def __init__(self, model: Cosmos3Transformer, run: UniPCRun | FlowMatchRun, branches: list[Branch],
-                 latents: torch.Tensor, guidance_scale: float, cfg_gather=None, batch_cfg: bool = False):
+                 latents: torch.Tensor, guidance_scale: float, cfg_gather=None, batch_cfg: bool = False,
+                 sound: torch.Tensor | None = None, sound_run: UniPCRun | None = None):
         self.model, self.run, self.branches = model, run, branches
         self.latents = latents
+        self.sound, self.sound_run = sound, sound_run
         self.guidance = guidance_scale
         self.cfg_gather = cfg_gather
         self.timestep = torch.zeros((), device=latents.device, dtype=torch.float32)
@@ -41,21 +46,30 @@ class DenoiseStep:
         self.batched = model.setup_batched(branches) if batch_cfg and len(branches) > 1 else None
 
     def __call__(self) -> torch.Tensor:
+        sound = () if self.sound is None else (self.sound,)
+        uncond = None
         if self.batched is not None:
-            cond, uncond = self.model.forward_batched(self.latents, self.timestep, self.branches, *self.batched)
-            return self.run.step_(uncond + self.guidance * (cond - uncond), self.latents)
-        velocity = self.model(self.latents, self.timestep, self.branches[0])
-        if self.cfg_gather is not None:
-            cond, uncond = self.cfg_gather(velocity)
-            velocity = uncond + self.guidance * (cond - uncond)
-        elif len(self.branches) > 1:
-            uncond = self.model(self.latents, self.timestep, self.branches[1])
-            velocity = uncond + self.guidance * (velocity - uncond)
-        return self.run.step_(velocity, self.latents)
+            cond, uncond = self.model.forward_batched(self.latents, self.timestep, self.branches, *self.batched, *sound)
+        else:
+            cond = self.model(self.latents, self.timestep, self.branches[0], *sound)
+            if self.cfg_gather is not None:
+                cond, uncond = self.cfg_gather(cond)
+            elif len(self.branches) > 1:
+                uncond = self.model(self.latents, self.timestep, self.branches[1], *sound)
+        if self.sound is None:
+            return self.run.step_(self.guide(cond, uncond), self.latents)
+        # (vision, sound) velocities per branch: each segment combined alike, each updated by its own run
+        self.sound_run.step_(self.guide(cond[1], None if uncond is None else uncond[1]), self.sound)
+        return self.run.step_(self.guide(cond[0], None if uncond is None else uncond[0]), self.latents)
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        """The CFG combine in fp32, `uncond + g·(cond − uncond)`; the cond velocity alone without CFG."""
+        return cond if uncond is None else uncond + self.guidance * (cond - uncond)
 
 
 class Denoise:
-    """Reads latents, branches, run; writes latents (in place), metrics["steps"], ["shape_bucket"]; frees branches.
+    """Reads latents, branches, run (and sound_latents, sound_run); writes latents and sound_latents (in place),
+    metrics["steps"], ["shape_bucket"]; frees branches.
 
     `plan` gives the per-step runner (eager, steady-state guard or whole-step CUDA graph), admits the request's
     shape bucket and counts recompiles after warm-up. `cfg_gather`: this rank holds one CFG branch and gathers
@@ -73,8 +87,11 @@ class Denoise:
     def __call__(self, state: State) -> State:
         plan, run = self.plan, state.run
         step = DenoiseStep(self.model, run, state.branches, state.latents, state.request.guidance_scale,
-                           cfg_gather=self.cfg_gather if state.request.use_cfg else None, batch_cfg=self.batch_cfg)
-        state.metrics["shape_bucket"] = plan.admit(state.request.latent_shape, [b.text_len for b in state.branches])
+                           cfg_gather=self.cfg_gather if state.request.use_cfg else None, batch_cfg=self.batch_cfg,
+                           sound=state.sound_latents, sound_run=state.sound_run)
+        # a sound segment makes other shapes of the same latent size: its length joins the bucket's key
+        shape = state.request.latent_shape + ((state.request.sound_len,) if state.request.sound_len else ())
+        state.metrics["shape_bucket"] = plan.admit(shape, [b.text_len for b in state.branches])
         runner = plan.step_runner(step, self.warmup)
         timesteps = state.timesteps.to(torch.float32)
         timer = StepTimer(state.latents.device)

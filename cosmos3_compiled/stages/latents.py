@@ -52,16 +52,22 @@ def pad_clip(clip: torch.Tensor, frames: int) -> torch.Tensor:
 
 class Latents:
     """Reads request; writes latents [1, channels, T, h, w] fp32 on `device` (the VAE encodes the image or
-    the clip's conditioning frames), metrics["conditioning"] in video-to-video."""
+    the clip's conditioning frames), metrics["conditioning"] in video-to-video; with sound (`request.sound_len`),
+    sound_latents [sound_channels, S]: pure noise drawn from the same generator right after the vision noise, as the
+    reference draws it."""
 
-    def __init__(self, vae: WanVAE, channels: int, device: torch.device):
+    def __init__(self, vae: WanVAE, channels: int, device: torch.device, sound_channels: int = 0):
         self.vae, self.channels, self.device = vae, channels, device
+        self.sound_channels = sound_channels
 
     def __call__(self, state: State) -> State:
         r = state.request
         gen = torch.Generator("cpu").manual_seed(r.seed)
         noise = torch.randn((1, self.channels, *r.latent_shape), generator=gen, dtype=torch.float32)
         latents = noise.to(self.device)
+        if r.sound_len:
+            sound = torch.randn((self.sound_channels, r.sound_len), generator=gen, dtype=torch.float32)
+            state.sound_latents = sound.to(self.device)
         if r.image_to_video:
             # The causal encoder's first latent frame depends on pixel frame 0 alone, so encoding the
             # image as a one-frame video gives exactly the reference's frame-0 latent.

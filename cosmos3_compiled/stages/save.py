@@ -7,16 +7,19 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from cosmos3_compiled.frame_sink import FrameSink, atomic_write
-from cosmos3_compiled.media import write_png
+from cosmos3_compiled.media import write_png, write_wav
 
 from .state import State
 
 
 class Save:
-    """Reads frames_uint8, frames_float, sha256; writes outputs (name → path), metrics["sha256"], ["outputs"].
+    """Reads frames_uint8, frames_float, sha256, waveform, sampling_rate; writes outputs (name → path),
+    metrics["sha256"], ["outputs"].
 
-    video.mp4 was encoded during the decode by the `sink`: here it only waits for the encoder's tail and renames
-    the file into place. `image`: write the one frame as image.png. `frames`: none | uint8 | float32.
+    video.mp4 was encoded during the decode by the `sink` (with the sound as its AAC track): here it only waits for
+    the encoder's tail and renames the file into place. `image`: write the one frame as image.png. `frames`: none |
+    uint8 | float32. With sound: sound.wav (16-bit PCM) always, and with frames=float32 sound.safetensors
+    (`waveform` [channels, samples] float32, the decoder's output exactly).
     """
 
     def __init__(self, out_dir: Path, frames: str = "none", image: bool = False, sink: FrameSink | None = None):
@@ -38,6 +41,14 @@ class Save:
                 self.out_dir / "frames.safetensors",
                 lambda p: save_file({"frames": frames.contiguous()}, str(p), metadata={"sha256_uint8": state.sha256}),
             )
+        if state.waveform is not None:
+            state.outputs["sound"] = atomic_write(
+                self.out_dir / "sound.wav", lambda p: write_wav(state.waveform, state.sampling_rate, p))
+            if self.frames == "float32":
+                state.outputs["waveform"] = atomic_write(
+                    self.out_dir / "sound.safetensors",
+                    lambda p: save_file({"waveform": state.waveform.contiguous()}, str(p),
+                                        metadata={"sampling_rate": str(state.sampling_rate)}))
         state.metrics["sha256"] = state.sha256
         state.metrics["outputs"] = {k: str(v) for k, v in state.outputs.items()}
         return state

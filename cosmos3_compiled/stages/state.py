@@ -25,9 +25,13 @@ class State:
     uncond_ids: list[int] | None = None  # Tokenize (None when guidance is 1)
     branches: list[Branch] = field(default_factory=list)  # TextPass: [cond] or [cond, uncond]; Denoise frees them
     latents: torch.Tensor | None = None  # Latents, then Denoise in place: [1, C, T, h, w] fp32 on the device
+    sound_latents: torch.Tensor | None = None  # Latents (sound=true), then Denoise in place: [C_s, S] fp32, device
     # Timesteps: the sampler's schedule and static step buffers, stepped by Denoise
     run: UniPCRun | FlowMatchRun | None = None
     timesteps: torch.Tensor | None = None  # Timesteps: [n] (CPU): int64 (UniPC), fp32 (distilled FlowMatchEuler)
+    sound_run: UniPCRun | None = None  # Timesteps (sound=true): the sound latents' run, `run`'s schedule, own history
+    waveform: torch.Tensor | None = None  # DecodeSound: [channels, samples] fp32 (CPU) in [-1, 1]
+    sampling_rate: int | None = None  # DecodeSound: the waveform's samples per second
     video: torch.Tensor | None = None  # Decode: [1, 3, F, H, W] in [-1, 1]; Postprocess drops it
     frames_uint8: torch.Tensor | None = None  # Postprocess: [F, H, W, 3] uint8 (CPU)
     frames_float: torch.Tensor | None = None  # Postprocess (output.frames=float32): [F, H, W, 3] fp32 in [0, 1]

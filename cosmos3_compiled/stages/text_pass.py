@@ -24,7 +24,8 @@ class TextPass:
         prompts = [ids for ids in (state.cond_ids, state.uncond_ids) if ids is not None]
         if self.only_branch is not None and len(prompts) == 2:
             prompts = [prompts[self.only_branch]]
-        state.branches = [self.model.setup_branch(len(ids), r.latent_shape, fps=r.fps, clean_frames=r.clean_frames)
+        state.branches = [self.model.setup_branch(len(ids), r.latent_shape, fps=r.fps, clean_frames=r.clean_frames,
+                                                   sound_len=r.sound_len)
                           for ids in prompts]
         # all branches layer by layer: an offloaded text tower crosses to the GPU once per request
         self.model.text_passes([(torch.tensor(ids, dtype=torch.long), b) for ids, b in zip(prompts, state.branches)])

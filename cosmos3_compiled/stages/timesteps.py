@@ -17,7 +17,8 @@ class Timesteps:
     request's CPU generator in the reference's order. The reference draws the initial noise and then each step's
     from one generator; the Latents stage drew the initial noise from a generator seeded with the request's seed,
     so that one draw is replayed here and the generator goes on exactly where the reference's does. The run also
-    keeps the clean frames' latents (image- or video-to-video), put back after every step."""
+    keeps the clean frames' latents (image- or video-to-video), put back after every step. With sound, sound_run:
+    the sound latents' own UniPC history on the same schedule (one `run.load_` loads both)."""
 
     def __init__(self, scheduler: FlowUniPCScheduler | FlowMatchEulerScheduler, device: torch.device):
         self.scheduler, self.device = scheduler, device
@@ -31,5 +32,7 @@ class Timesteps:
         else:
             state.run = self.scheduler.prepare(r.num_inference_steps, latents.shape, self.device)
         state.timesteps = state.run.timesteps
+        if state.sound_latents is not None:
+            state.sound_run = state.run.sibling(state.sound_latents.shape)
         state.metrics["timesteps"] = state.timesteps.tolist()
         return state
