@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import build_random, load_transformer, save_transformer
 from .checkpoint_io import CheckpointError, read_json, weight_files
-from .config import TransformerConfig, preset
+from .config import TransformerConfig, preset, replace
 from .prompting import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 from .scheduler import COSMOS3_DISTILLED_SCHEDULER_CONFIG, COSMOS3_SCHEDULER_CONFIG
 from .audio import AudioConfig, read_audio_config
@@ -123,12 +123,18 @@ def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dty
     return transformer, vae, tokenizer
 
 
-def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0, distilled: bool = False) -> Path:
+def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0, distilled: bool = False,
+                     sound_dim: int = 0) -> Path:
     """Write the embedded default model as an official-layout checkpoint folder (fp32 safetensors).
     `distilled`: with the few-step distilled checkpoints' scheduler (FlowMatchEuler on their fixed 4-step schedule,
-    scheduler_config.json as shipped) instead of the published UniPC one."""
+    scheduler_config.json as shipped) instead of the published UniPC one. `sound_dim`: with the transformer's audio
+    head of that many sound channels (`sound_gen: true`; the other weights are the same draws) and a
+    `sound_tokenizer` entry in model_index.json; the `sound_tokenizer/` folder itself is the caller's
+    (tools/make_tiny_checkpoint.py --sound saves one with diffusers' own class)."""
     folder = Path(folder)
     cfg = preset(name)
+    if sound_dim:
+        cfg = replace(cfg, sound_gen=True, sound_dim=sound_dim)
     transformer = build_random(cfg, seed=seed, fuse=False)
     save_transformer(transformer, folder / "transformer")
     vae_cfg = embedded_vae_config(cfg.latent_channel)
@@ -147,5 +153,7 @@ def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0, dis
         "transformer": ["diffusers", "Cosmos3OmniTransformer"], "vae": ["diffusers", "AutoencoderKLWan"],
         "scheduler": ["diffusers", sched["_class_name"]], "text_tokenizer": ["transformers", "Qwen2Tokenizer"],
     }
+    if sound_dim:
+        index["sound_tokenizer"] = ["diffusers", "Cosmos3AVAEAudioTokenizer"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

@@ -209,3 +209,46 @@ def test_sound_is_off_by_default(checkpoint, tmp_path):
     job = prepare(compose_generate([f"checkpoint={checkpoint}", "height=32", "width=32", "num_frames=5", "fps=20",
                                     "sound=true"]), tmp_path)
     assert job.request.sound_len == -(-int(5 / 20 * TINY.sampling_rate) // TINY.hop)
+
+
+def test_make_tiny_checkpoint_with_sound(tmp_path):
+    """tools/make_tiny_checkpoint.py --sound: a sound_tokenizer/ from diffusers' class and the audio head; sound=true
+    runs on it and writes sound.wav; without --sound the checkpoint stays video-only."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "tools" / "make_tiny_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    folder = tool.main([str(tmp_path / "ckpt"), "--sound", "--seed", "3"])
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["sound_tokenizer"] == ["diffusers", "Cosmos3AVAEAudioTokenizer"]
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert config["sound_gen"] is True and config["sound_dim"] == TINY.latent_dim
+    state = generate(compose_generate([f"checkpoint={folder}", "sound=true", "height=32", "width=32", "num_frames=5",
+                                       "sampler.num_inference_steps=2", "output.progress=false", "output.video=false"]),
+                     tmp_path / "out")
+    pcm, rate = read_wav(state.outputs["sound"])
+    assert rate == TINY.sampling_rate and pcm.shape == tuple(state.waveform.shape) and pcm.std() > 0.01
+    plain = tool.main([str(tmp_path / "plain")])
+    assert not (plain / "sound_tokenizer").exists()
+    with pytest.raises(RequestError, match="no sound_tokenizer"):
+        prepare(compose_generate([f"checkpoint={plain}", "sound=true", "height=32", "width=32", "num_frames=5"]),
+                tmp_path / "o2")
+
+
+def test_bench_sound_cpu_dry_run(tmp_path):
+    """tools/bench_sound.py runs its CPU path end to end (tiny sizes): the script a GPU run will use stays runnable."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_sound", ROOT / "tools" / "bench_sound.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--device", "cpu", "--preset", "debug", "--layers", "1", "--height", "32", "--width", "32",
+                          "--frames", "5", "--warmup", "0", "--iters", "1", "--compile", "eager", "--audio-size",
+                          "tiny", "--out", str(tmp_path)])
+    assert results["with_sound"]["tokens_per_branch"] > results["without_sound"]["tokens_per_branch"]
+    assert json.loads((tmp_path / "bench_sound.json").read_text())["audio_decode"]["samples"] > 0

@@ -6,7 +6,7 @@ import torch
 
 from cosmos3_compiled.checkpoint import build_random
 from cosmos3_compiled.compile import apply_compile
-from cosmos3_compiled.config import preset
+from cosmos3_compiled.config import preset, replace
 from cosmos3_compiled.schema import CompileConfig
 
 
@@ -97,3 +97,26 @@ def test_residual_accumulation_modes_agree():
     for mode, expected in (("reduce_overhead", False), ("max_autotune", False), ("default", True)):
         apply_compile(model, CompileConfig(mode=mode, scope="blocks"))
         assert all(layer.accumulate_into_input is expected for layer in model.layers), mode
+
+
+def test_video_step_with_sound_segment_fullgraph_no_recompiles():
+    """A sound segment (audio head, S more tokens after the vision ones) is data to the compiled layers: fullgraph,
+    no recompile across timesteps, equal to eager; the sound velocity too."""
+    cfg = replace(preset("debug"), sound_gen=True, sound_dim=8)
+    latent_shape, sound_len = (1, 2, 4), 3
+    eager, compiled = build_random(cfg, seed=7), build_random(cfg, seed=7)
+    apply_compile(compiled, CompileConfig(mode="default", scope="full", fullgraph=True))
+    branches = []
+    for model in (eager, compiled):
+        b = model.setup_branch(9, latent_shape, fps=16.0, sound_len=sound_len)
+        model.text_pass(torch.arange(9), b)
+        branches.append(b)
+    gen = torch.Generator().manual_seed(2)
+    latents, sound = torch.randn(1, 48, *latent_shape, generator=gen), torch.randn(8, sound_len, generator=gen)
+    with torch.no_grad():
+        compiled(latents, torch.tensor(999.0), branches[1], sound)
+        with torch.compiler.set_stance("fail_on_recompile"), torch._dynamo.config.patch(error_on_recompile=True):
+            for t in (870.0, 12.0):
+                (v_e, s_e), (v_c, s_c) = (m(latents, torch.tensor(t), b, sound) for m, b in zip((eager, compiled), branches))
+                assert (v_c - v_e).abs().max().item() <= 1e-4 * v_e.abs().max().item()
+                assert s_c.shape == (8, sound_len) and (s_c - s_e).abs().max().item() <= 1e-4 * s_e.abs().max().item()

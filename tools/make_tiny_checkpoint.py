@@ -8,6 +8,11 @@ embedded default with `model=<preset> model.init_seed=<seed>` and no checkpoint.
 FlowMatchEulerDiscreteScheduler on a fixed 4-step schedule, scheduler_config.json as shipped); the same weights then
 run 4 steps with guidance 1.
 
+`--sound` writes a sound-capable checkpoint (for `sound=true`): the transformer gets its audio head (`sound_gen: true`,
+`sound_dim` 16; every other weight the same draw as without it, so runs without sound=true are unchanged) and a tiny
+`sound_tokenizer/` (`audio.TINY`: 8 kHz stereo, 25 latent frames per second) saved by diffusers' own
+`Cosmos3AVAEAudioTokenizer` class with seeded weights, weight-normalised convolutions as shipped. Needs diffusers.
+
 Example: python tools/make_tiny_checkpoint.py /tmp/cosmos3-debug --preset debug --seed 0
 """
 
@@ -30,15 +35,42 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights = model.init_seed (default: 0)")
     ap.add_argument("--distilled", action="store_true",
                     help="the distilled 4-step checkpoints' scheduler (FlowMatchEuler, fixed schedule) instead of UniPC")
+    ap.add_argument("--sound", action="store_true",
+                    help="a sound-capable checkpoint: audio head (sound_gen: true) and a tiny sound_tokenizer/ (diffusers)")
     args = ap.parse_args(argv)
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         ap.error(f"{args.output} exists and is not an empty folder; pick a new path")
 
     from cosmos3_compiled.components import write_checkpoint  # noqa: E402  (after argparse: --help stays fast)
 
-    folder = write_checkpoint(args.output, name=args.preset, seed=args.seed, distilled=args.distilled)
-    kind = ", distilled 4-step scheduler" if args.distilled else ""
+    from cosmos3_compiled.audio import TINY  # noqa: E402
+
+    folder = write_checkpoint(args.output, name=args.preset, seed=args.seed, distilled=args.distilled,
+                              sound_dim=TINY.latent_dim if args.sound else 0)
+    if args.sound:
+        write_sound_tokenizer(folder / "sound_tokenizer", TINY, seed=args.seed + 2)
+    kind = (", distilled 4-step scheduler" if args.distilled else "") + (", with sound" if args.sound else "")
     print(f"wrote {args.preset} (seed {args.seed}{kind}) to {folder}")
+    return folder
+
+
+def write_sound_tokenizer(folder: Path, cfg, seed: int) -> Path:
+    """diffusers' Cosmos3AVAEAudioTokenizer (decoder only) at `cfg`'s size, saved with its own save_pretrained: torch's
+    default initialisation under `seed`, Snake parameters log-scale N(0, 0.1²), and every convolution's weight norm
+    but the last one's scaled by 0.6 (a random Snake stack at full gain saturates the [-1, 1] clamp)."""
+    import torch
+    from diffusers import Cosmos3AVAEAudioTokenizer
+
+    torch.manual_seed(seed)
+    tok = Cosmos3AVAEAudioTokenizer(**cfg.to_dict(), encoder_enabled=False).float()
+    with torch.no_grad():
+        for name, module in tok.decoder.named_modules():
+            if hasattr(module, "weight_g") and name != "conv2":
+                module.weight_g.mul_(0.6)
+        for name, p in tok.decoder.named_parameters():
+            if name.endswith(("alpha", "beta")):
+                p.normal_(0.0, 0.1)
+    tok.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
