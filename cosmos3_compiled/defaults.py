@@ -137,8 +137,12 @@ def decode_bytes(decoder_dim: int, request, dtype: torch.dtype, tiles: int = 1) 
 
 
 def _free_cuda_bytes(device: torch.device) -> int:
+    """Bytes this process can have on `device`: what the driver reports free plus what this process's caching
+    allocator already holds (the models a sweep keeps resident, their graphs, cached blocks). The budget is the
+    same for every job of a sweep: job 1 must not see job 0's resident weights as used and switch offload or
+    VAE strips on (a different resident key, a reload and a much slower decode)."""
     free, _ = torch.cuda.mem_get_info(device)
-    return free
+    return free + torch.cuda.memory_reserved(device)
 
 
 def default_cache_dir() -> str | None:

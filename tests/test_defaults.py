@@ -125,6 +125,13 @@ def test_nano_offloads_the_text_tower_and_strips_the_decode_only_when_short_of_m
     assert cfg.model.vae_tiles > 1, auto["model.vae_tiles"]
 
 
+def test_the_memory_budget_counts_what_this_process_already_holds(monkeypatch):
+    # a sweep's job 1 runs beside job 0's resident models: their memory is ours, not used by someone else
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 70 * GIB)
+    assert defaults._free_cuda_bytes(torch.device("cuda", 0)) == 73 * GIB
+
+
 def test_metrics_record_what_auto_chose(tmp_path):
     state = generate(compose_generate(["height=32", "width=32", "num_frames=1", "sampler.num_inference_steps=1",
                                        "output.video=false", "output.progress=false"]), tmp_path)

@@ -3,6 +3,10 @@
 # `cosmos3-generate checkpoint=<it> prompt=...` with no other overrides (the reference's 1280x720x189, 35 steps,
 # CFG 6; every `auto` resolved on this machine), in a fresh process. Results under $OUT (metrics.json, logs).
 # Usage on the device: bash tools/gpu_bench_default.sh [RUNS]   (RUNS fresh processes, the first one cold)
+#   SWEEP=1 bash tools/gpu_bench_default.sh 1 run2: one fresh process running the plain command as a two-job
+#   sweep (`-m seed=0,1`): job 0 is a cold process (warm compile cache if an earlier run left one), job 1 the
+#   next request of a process that already holds the models.
+#   DROP_CACHES=1: ask the kernel to drop the page cache first (needs root), so the load reads the disk.
 set -u
 OUT=${OUT:-/tmp/out}; RUNS=${1:-1}; CKPT=${CKPT:-/tmp/cosmos3-nano}
 mkdir -p "$OUT"
@@ -15,14 +19,19 @@ if [ ! -f "$CKPT/model_index.json" ]; then
     > "$OUT/make_checkpoint.log" 2>&1; tail -3 "$OUT/make_checkpoint.log"
 fi
 du -sb "$CKPT/transformer" | tee -a "$OUT/machine.txt"
+SWEEP=${SWEEP:-0}; TAG=${TAG:-run}
 for i in $(seq 1 "$RUNS"); do
-  mkdir -p "$OUT/run$i" && cd "$OUT/run$i" || exit 1
-  /usr/bin/time -f "run$i %e s wall" python -m cosmos3_compiled.cli checkpoint="$CKPT" \
+  if [ "${DROP_CACHES:-0}" = 1 ]; then
+    sync; (echo 3 > /proc/sys/vm/drop_caches) 2> /dev/null && echo "page cache dropped" || echo "page cache NOT dropped (no permission)"
+  fi
+  mkdir -p "$OUT/$TAG$i" && cd "$OUT/$TAG$i" || exit 1
+  if [ "$SWEEP" = 1 ]; then set -- -m seed=0,1 hydra.sweep.dir=sweep; else set --; fi
+  /usr/bin/time -f "$TAG$i %e s wall" python -m cosmos3_compiled.cli "$@" checkpoint="$CKPT" \
     prompt="A red fox trots through fresh snow at dawn, steam rising from its breath." > log.txt 2>&1
   tail -c 1500 log.txt | tr '\r' '\n' | tail -6
   cd - > /dev/null
-  f=$(ls "$OUT"/run$i/outputs/*/*/metrics.json 2>/dev/null | head -1)
-  [ -n "$f" ] && python - "$f" <<'PY'
+  find "$OUT/$TAG$i" -name video.mp4 -size +1M -delete
+  for f in $(find "$OUT/$TAG$i" -name metrics.json | sort); do echo "== $f"; python - "$f" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 s = m["seconds"]; st = m.get("steps", {})
@@ -31,4 +40,5 @@ print("auto:", json.dumps(m.get("auto"), indent=1))
 print("read:", m.get("transformer_read"), "peak GiB:", m.get("peak_memory_gib"), "compile:", m.get("compile"))
 print("steps:", {k: v for k, v in st.items() if not isinstance(v, list)})
 PY
+  done
 done
