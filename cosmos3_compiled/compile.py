@@ -129,16 +129,17 @@ def _capture_stream() -> torch.cuda.Stream:
     return _CAPTURE_STREAMS[dev]
 
 
-def capture_cuda_graph(fn):
+def capture_cuda_graph(fn, pool=None):
     """Run `fn` once for real on a side stream (it compiles, autotunes and allocates outside the capture),
-    then capture it; returns (graph, the captured call's output). Capturing executes nothing."""
+    then capture it; returns (graph, the captured call's output). Capturing executes nothing. `pool`: another
+    graph's memory pool to capture into (`CUDAGraph.pool()`), for graphs that never run at the same time."""
     side = _capture_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
 
@@ -150,11 +151,16 @@ class CudaGraphRunner:
     Each of the first `warmup_calls` calls is one real step run normally (the last of them through
     `capture_cuda_graph`, which captures right after it — so no step is wasted and no state has to be
     saved); every later call is one `replay()`.
+
+    `pools`: a list shared by runners whose graphs never run at the same time (the regimes of one step): the
+    first capture appends its memory pool and the others capture into it, so their activations share memory.
+    They may: each replay leaves its result only in the step's static buffers, never in the pool.
     """
 
-    def __init__(self, step, warmup_calls: int = 1):
+    def __init__(self, step, warmup_calls: int = 1, pools: list | None = None):
         self.step, self.warmup_calls, self.calls = step, warmup_calls, 0
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.pools = pools
 
     def __call__(self):
         self.calls += 1
@@ -163,7 +169,10 @@ class CudaGraphRunner:
         elif self.calls < self.warmup_calls:
             self.step()
         else:
-            self.graph, _ = capture_cuda_graph(self.step)
+            pool = self.pools[0] if self.pools else None
+            self.graph, _ = capture_cuda_graph(self.step, pool)
+            if self.pools is not None and not self.pools:
+                self.pools.append(self.graph.pool())
 
 
 def apply_compile_text(model, mode) -> None:
@@ -212,14 +221,38 @@ def reset_compile_vae(vae) -> None:
         vae.__dict__.pop(name, None)
 
 
-def make_step_runner(mode, step, warmup: int):
+def make_step_runner(mode, step, warmup: int, pools: list | None = None):
     """The denoise loop's per-step call: our whole-step CUDA graph, the steady-state guard, or the step itself."""
     mode = _mode(mode)
     if mode == "cudagraph":
-        return CudaGraphRunner(step, max(1, warmup))
+        return CudaGraphRunner(step, max(1, warmup), pools)
     if MODES[mode] is None:
         return step
     return SteadyStateRunner(step, warmup)
+
+
+class RegimeRunners:
+    """The per-step call of a job whose steps run in different precision regimes (an FP8 checkpoint's W8A16 and
+    W8A8 steps): one step runner per regime of `schedule` (step i runs `schedule[i]`), each with its own warm-up,
+    so the regimes are two compiled graphs and two CUDA-graph captures of the same step, chosen on the host. An
+    unquantized job's schedule has one regime (None): one runner, as before.
+
+    `warm_step`: the step after which every regime is past its warm-up (graphs compiled later are recompiles);
+    None when some regime has fewer steps than its warm-up."""
+
+    def __init__(self, mode, step, warmup: int, schedule: list):
+        self.schedule = list(schedule)
+        pools: list = []  # the regimes' CUDA graphs never run at the same time: one memory pool
+        self.runners = {r: make_step_runner(mode, step, warmup, pools) for r in dict.fromkeys(self.schedule)}
+        need = max(1, warmup)
+        ends = []
+        for regime in self.runners:
+            steps = [i for i, r in enumerate(self.schedule) if r == regime]
+            ends.append(steps[need - 1] if len(steps) >= need else None)
+        self.warm_step = None if None in ends else max(ends)
+
+    def __call__(self, i: int):
+        return self.runners[self.schedule[i]]()
 
 
 class ServedBuckets:
@@ -230,15 +263,22 @@ class ServedBuckets:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.text: set = set()  # (latent shape, text length)
+        self.text: set = set()  # (latent shape, text length[, FP8 precision regime])
         self.latent: set = set()  # latent shape
 
-    def knows(self, latent_shape: tuple, text_lens: list[int]) -> bool:
-        return {(tuple(latent_shape), n) for n in text_lens} <= self.text
+    @staticmethod
+    def _graphs(latent_shape: tuple, text_lens: list[int], regimes) -> set:
+        """One video-step graph per (latent shape, text length) and, for an FP8 checkpoint, per precision regime."""
+        latent = tuple(latent_shape)
+        return {(latent, n) if r is None else (latent, n, r) for n in text_lens for r in regimes}
 
-    def add(self, latent_shape: tuple, text_lens: list[int]) -> bool:
-        """Record one request's shapes; True when the compiled graphs had to be reset first."""
-        text = {(tuple(latent_shape), n) for n in text_lens}
+    def knows(self, latent_shape: tuple, text_lens: list[int], regimes=(None,)) -> bool:
+        return self._graphs(latent_shape, text_lens, regimes) <= self.text
+
+    def add(self, latent_shape: tuple, text_lens: list[int], regimes=(None,)) -> bool:
+        """Record one request's shapes (and FP8 precision regimes: one more graph each); True when the compiled
+        graphs had to be reset first."""
+        text = self._graphs(latent_shape, text_lens, regimes)
         reset = len(self.text | text) > self.limit or len(self.latent | {tuple(latent_shape)}) > self.limit
         if reset:
             drop_compiled()
@@ -276,20 +316,25 @@ class CompilePlan:
         apply_compile_vae(vae, self.settings.vae)
         apply_compile_text(transformer, self.settings.text_pass)
 
-    def step_runner(self, step, warmup: int):
-        """The denoise loop's per-step call for a job with `warmup` steps before the steady state."""
-        return make_step_runner(self.mode, step, warmup)
+    def step_runner(self, step, warmup: int, schedule: list) -> RegimeRunners:
+        """The denoise loop's per-step call (`runner(i)` runs step i) for a job with `warmup` steps per regime
+        before the steady state; `schedule`: each step's precision regime (all None for unquantized weights)."""
+        return RegimeRunners(self.mode, step, warmup, schedule)
 
     def start_job(self) -> None:
         self._at_start = compile_counters()
         self._at_warm = None
 
-    def admit(self, latent_shape: tuple, text_lens: list[int]) -> dict:
+    def admit(self, latent_shape: tuple, text_lens: list[int], regimes=(None,)) -> dict:
         """Before a job's first step: record its shape bucket (resetting the compiled code first when it would
-        pass compile.recompile_limit) and say whether the first step compiles. Returns the bucket (metrics)."""
+        pass compile.recompile_limit) and say whether the first step compiles. Returns the bucket (metrics).
+        `regimes`: the job's FP8 precision regimes (their linears' modes), one graph each per shape."""
         bucket = {"latent": list(latent_shape), "text": list(text_lens)}
-        known = self.buckets.knows(latent_shape, text_lens)
-        if self.buckets.add(latent_shape, text_lens):
+        regimes = tuple(regimes)
+        if regimes != (None,):
+            bucket["regimes"] = [list(r) if isinstance(r, tuple) else r for r in regimes]
+        known = self.buckets.knows(latent_shape, text_lens, regimes)
+        if self.buckets.add(latent_shape, text_lens, regimes):
             log.info("compile=%s: this process served more request shapes than compile.recompile_limit allows: "
                      "compiled graphs reset", self.mode)
         elif self.compiles and known:

@@ -48,6 +48,7 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 SCALE_KEYS = ("weight_scale", "input_scale")
 REGIMES = ("a16", "a8")
 POLICIES = ("checkpoint", "a16", "a8")
+GROUPS = ("generation", "reasoner", None)  # the reference's policy groups (`linear_group`); None: left on W8A8
 # `_scaled_mm(use_fast_accum=...)`: Hopper's fast FP8 accumulation (fewer fp32 promotions of the partial sums)
 FAST_ACCUM = True
 
@@ -120,8 +121,11 @@ class Fp8Linear(nn.Module):
         out.weight = nn.Parameter(w, requires_grad=False)
         out.weight_scale = nn.Parameter(torch.stack([p.weight_scale.data.reshape(()) for p in parts]),
                                         requires_grad=False)
-        out.input_scale = nn.Parameter(torch.stack([p.input_scale.data.reshape(()) for p in parts]),
-                                       requires_grad=False)
+        if any(p.input_scale is None for p in parts):
+            out.input_scale = None
+        else:
+            out.input_scale = nn.Parameter(torch.stack([p.input_scale.data.reshape(()) for p in parts]),
+                                           requires_grad=False)
         if bias is not None:
             out.bias = nn.Parameter(bias, requires_grad=False)
         out.slices = tuple(p.out_features for p in parts)
@@ -135,7 +139,8 @@ class Fp8Linear(nn.Module):
     def setup_buffers(self) -> None:
         """The per-row weight scale of a fused linear with different slice scales (W8A16's dequantisation) and
         whether W8A8 can run as one scaled GEMM (every slice with the same weight and input scale)."""
-        ws, xs = self.weight_scale.detach().reshape(-1), self.input_scale.detach().reshape(-1)
+        ws = self.weight_scale.detach().reshape(-1)
+        xs = ws if self.input_scale is None else self.input_scale.detach().reshape(-1)
         self.uniform = bool((ws == ws[0]).all()) and bool((xs == xs[0]).all())
         rows = ws[:1].reshape(()) if self.uniform else torch.repeat_interleave(
             ws, torch.tensor(self.slices, device=ws.device))
@@ -147,6 +152,8 @@ class Fp8Linear(nn.Module):
         return self.forward_a8(x)
 
     def forward_a8(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is None:  # request.prepare refuses such a job before any weights are read
+            raise RuntimeError("W8A8 needs an input_scale; this FP8 linear was exported without one")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         ws, xs = self.weight_scale.reshape(-1), self.input_scale.reshape(-1)
@@ -207,9 +214,11 @@ def swap_in_fp8_(model: nn.Module, header: dict) -> int:
             continue  # not a module of ours: the strict check reports its keys
         new = Fp8Linear(old.in_features, old.out_features, old.bias is not None,
                         tuple(header[f"{name}.weight_scale"].shape), device="meta")
-        if f"{name}.input_scale" in header:  # without one the strict check reports the missing key
+        if f"{name}.input_scale" in header:
             shape = tuple(header[f"{name}.input_scale"].shape)
             new.input_scale = nn.Parameter(torch.ones(shape, device="meta"), requires_grad=False)
+        else:  # a weight-only export: W8A16 only (request.prepare refuses a policy with W8A8 steps for it)
+            new.input_scale = None
         new.group = linear_group(name)
         setattr(parent, leaf, new)
         count += 1
@@ -226,6 +235,8 @@ def finish_load_(model: nn.Module) -> None:
             raise RequestError(f"{name}.weight is {m.weight.dtype}; an FP8 linear needs float8_e4m3fn")
         for key in SCALE_KEYS:
             s = getattr(m, key)
+            if s is None:
+                continue
             if s.numel() != len(m.slices) or not bool((s > 0).all()):
                 raise RequestError(f"{name}.{key} must be one positive per-tensor scale, got shape {tuple(s.shape)}")
         m.setup_buffers()
@@ -328,6 +339,22 @@ class Fp8Policy:
             return "a16" if self.reasoner_a16 else "a8"
         return "a8"
 
+    def step_modes(self, step: int, num_steps: int) -> tuple[str, str, str]:
+        """The modes of the generation group, the reasoner group and the unclassified linears at `step`: what a
+        compiled graph of the step depends on (two steps with the same modes run the same graphs)."""
+        return tuple(self.group_regime(g, step, num_steps) for g in GROUPS)
+
+    def uses_a8(self, num_steps: int, groups=GROUPS) -> bool:
+        """Whether any linear of `groups` runs W8A8 at any of `num_steps` steps (it then needs its input_scale)."""
+        return any(self.group_regime(g, i, num_steps) == "a8" for g in groups for i in range(num_steps))
+
+    def describe(self) -> dict:
+        """metrics.json `precision`: what the policy resolved to (the overrides asked for are in `config`)."""
+        if self.all_a16 or not self.mixed:
+            return {"every_step": "a16" if self.all_a16 else "a8"}
+        return {"first_steps": self.first_steps, "last_steps": self.last_steps, "overlap": self.overlap,
+                "reasoner": "a16" if self.reasoner_a16 else "a8"}
+
     def schedule(self, num_steps: int) -> list[str]:
         """Per step: "W8A16" or "W8A8" (the generation group), as diffusers' `precision_name` names them."""
         return ["W8A16" if self.generation_a16(i, num_steps) else "W8A8" for i in range(num_steps)]
@@ -377,6 +404,19 @@ def set_step_regime(model: nn.Module, policy: Fp8Policy, step: int, num_steps: i
     for m in fp8_linears(model):
         m.mode = policy.group_regime(m.group, step, num_steps)
     return "W8A16" if policy.generation_a16(step, num_steps) else "W8A8"
+
+
+def apply_step_regime(model: nn.Module, policy: Fp8Policy, step: int, num_steps: int) -> bool:
+    """`set_step_regime`, returning whether any linear's mode changed: the text K/V computed before are then
+    stale (the text tower's attention projections and MLP are FP8 linears too) and must be recomputed."""
+    before = [m.mode for m in fp8_linears(model)]
+    set_step_regime(model, policy, step, num_steps)
+    return [m.mode for m in fp8_linears(model)] != before
+
+
+def missing_input_scales(header) -> list[str]:
+    """The quantized linears (module names) of a checkpoint header without an `input_scale`: W8A16 only."""
+    return [n for n in quantized_modules(header) if f"{n}.input_scale" not in header]
 
 
 # ---------------------------------------------------------------------------------------------------- writing

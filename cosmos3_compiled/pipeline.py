@@ -66,14 +66,16 @@ def build_stages(cfg: DictConfig, job: Job, models: Models, par: Parallel | None
     split_cfg = par is not None and par.cfg_size == 2
     whole_sequence = par is None or par.ulysses is None
     writes = par is None or par.is_writer
+    text_pass = TextPass(transformer, only_branch=par.cfg_rank if split_cfg else None, precision=job.precision)
     stages = [
         ("tokenize", Tokenize(models.tokenizer)),
-        ("text_pass", TextPass(transformer, only_branch=par.cfg_rank if split_cfg else None)),
+        ("text_pass", text_pass),
         ("latents", Latents(vae, transformer.cfg.latent_channel, device, sound_channels=transformer.cfg.sound_dim)),
         ("timesteps", Timesteps(job.scheduler, device)),
         ("denoise", Denoise(transformer, models.plan, warmup_steps=cfg.compile.warmup_steps,
                             cfg_gather=par.gather_cfg if split_cfg else None,
-                            batch_cfg=cfg.model.batch_cfg and not split_cfg and whole_sequence)),
+                            batch_cfg=cfg.model.batch_cfg and not split_cfg and whole_sequence,
+                            precision=job.precision, refill_text=text_pass.fill)),
     ]
     if writes and request.sound_len:  # before the VAE: the frame sink muxes the waveform into video.mp4
         stages.append(("decode_sound", DecodeSound(models.audio)))

@@ -23,7 +23,9 @@ from .components import DTYPES, CheckpointSpec, read_checkpoint
 from .config import TransformerConfig, preset
 from .defaults import REFERENCE_SIZE, machine_defaults, request_defaults, sampler_defaults
 from .errors import RequestError
-from .fp8 import read_quantization_config
+from .checkpoint import WEIGHTS_STEM
+from .checkpoint_io import read_header, weight_files
+from .fp8 import Fp8Policy, linear_group, missing_input_scales, read_quantization_config
 from .hub import resolve_checkpoint
 from .media import probe_clip
 from .schema import unknown_keys
@@ -110,6 +112,7 @@ class Job:
     out_dir: Path
     cfg: DictConfig  # the composed config with every `auto` / unset value resolved (what the stages read)
     auto: dict  # {key: "value: why"} for each value chosen by `defaults` (metrics.json `auto`)
+    precision: Fp8Policy | None = None  # an FP8 checkpoint's per-step policy (None: unquantized weights)
 
 
 def value(x):
@@ -269,6 +272,33 @@ def check_sampler(request: Request, fixed_steps: int | None) -> None:
                            "guidance is in its weights); leave it empty")
 
 
+def check_precision(cfg: DictConfig, checkpoint: CheckpointSpec | None, num_steps: int) -> Fp8Policy | None:
+    """The job's FP8 policy (`precision.*` over the checkpoint's `quantization_config`), None for unquantized
+    weights. Refused in one line: a precision override for unquantized weights (it would change nothing), W8A16
+    windows with an every-step policy, and a policy with W8A8 steps for linears exported without an input_scale."""
+    node = cfg.precision
+    policy, first, last = str(value(node.policy)), node.first_steps, node.last_steps
+    qc = None if checkpoint is None else read_quantization_config(checkpoint.folder / "transformer")
+    if qc is None:
+        asked = [f"precision.{k}={v}" for k, v in (("policy", policy), ("first_steps", first), ("last_steps", last))
+                 if v not in (None, "checkpoint")]
+        if asked:
+            where = "the embedded default model" if checkpoint is None else f"checkpoint {checkpoint.folder}"
+            raise RequestError(f"{asked[0]} applies to FP8 (ModelOpt) checkpoints only; {where} is not quantized: "
+                               "leave precision unset")
+        return None
+    if policy != "checkpoint" and (first is not None or last is not None):
+        key = "first_steps" if first is not None else "last_steps"
+        raise RequestError(f"precision.{key} sets a W8A16 window of precision.policy=checkpoint; precision.policy="
+                           f"{policy} runs every step the same: drop precision.{key}")
+    resolved = Fp8Policy.resolve(qc, policy, first, last)
+    missing = missing_input_scales(read_header(weight_files(checkpoint.folder / "transformer", WEIGHTS_STEM)))
+    if missing and resolved.uses_a8(num_steps, {linear_group(n) for n in missing}):
+        raise RequestError(f"precision.policy={policy} runs W8A8 steps, but {len(missing)} FP8 linear(s) of "
+                           f"{checkpoint.folder} have no input_scale (e.g. {missing[0]}): use precision.policy=a16")
+    return resolved
+
+
 def check_sound(cfg: DictConfig, request: Request, checkpoint: CheckpointSpec | None,
                 scheduler: FlowUniPCScheduler | FlowMatchEulerScheduler) -> int:
     """The sound segment's latent frames of a `sound=true` request (0 without sound): the checkpoint must be
@@ -315,17 +345,13 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
         checkpoint = read_checkpoint(resolve_checkpoint(str(cfg.checkpoint), cfg.checkpoint_revision))
     elif cfg.checkpoint_revision is not None:
         raise RequestError("checkpoint_revision= needs checkpoint=<a Hub id>")
-    if checkpoint is not None and read_quantization_config(checkpoint.folder / "transformer") is not None:
-        # faithful first: the loader and the FP8 linears exist (fp8.py), the per-step precision policy does not
-        # reach the denoise loop yet, so a run would not be what the reference computes
-        raise RequestError(f"{checkpoint.folder} is an FP8 (ModelOpt) checkpoint: the pipeline does not apply its "
-                           "per-step precision policy yet; use the bf16 revision")
     scheduler = build_scheduler(cfg, checkpoint)
     cfg, chosen = sampler_defaults(cfg, scheduler.fixed_steps)
     auto.update(chosen)
     request = dataclasses.replace(request, num_inference_steps=int(cfg.sampler.num_inference_steps),
                                   guidance_scale=float(cfg.sampler.guidance_scale))
     check_sampler(request, scheduler.fixed_steps)
+    precision = check_precision(cfg, checkpoint, request.num_inference_steps)
     request = dataclasses.replace(request, sound_len=check_sound(cfg, request, checkpoint, scheduler))
     model = preset(cfg.model.name) if checkpoint is None else checkpoint.transformer
     cfg, chosen = machine_defaults(cfg, checkpoint, request, model)
@@ -335,4 +361,4 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     out_dir = Path(out_dir)
     if writes:
         check_output_dir(out_dir)
-    return Job(request, settings, checkpoint, scheduler, out_dir, cfg, auto)
+    return Job(request, settings, checkpoint, scheduler, out_dir, cfg, auto, precision)

@@ -106,6 +106,19 @@ class CompileConfig:
     pin_text_tower: Optional[bool] = None
 
 
+class PrecisionPolicy(str, Enum):
+    checkpoint = "checkpoint"  # the FP8 checkpoint's shipped per-step policy (W8A8 where it ships none)
+    a16 = "a16"  # W8A16 at every step (FP8 weights dequantised, ordinary GEMMs)
+    a8 = "a8"  # W8A8 at every step (inputs quantised with their static scales, FP8 GEMMs)
+
+
+@dataclass
+class PrecisionConfig:
+    policy: PrecisionPolicy = PrecisionPolicy.checkpoint
+    first_steps: Optional[int] = None  # None: the checkpoint's (or the reference's default) W8A16 window
+    last_steps: Optional[int] = None
+
+
 class ShardMode(str, Enum):
     none = "none"  # every rank holds the whole model
     fsdp = "fsdp"  # the video tower's weights sharded over every rank (FSDP2, sharding.py)
@@ -156,6 +169,7 @@ class GenerateConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

@@ -6,14 +6,13 @@ reference's; switching regimes is a guard hit of two compiled graphs, never a re
 
 from __future__ import annotations
 
-import copy
 import json
-import shutil
 
 import pytest
 import torch
 from diffusers.pipelines.cosmos import mixed_precision as mp
 from dit_reference import build_reference_transformer, reference_velocity
+from fp8_reference import ModelOptLinearStandIn, make_fp8_tool, reference_fp8
 from safetensors.torch import save_file
 from torch import nn
 
@@ -47,45 +46,6 @@ def _calibrate(ref) -> dict[str, float]:
     return amax
 
 
-class _Quantizer:
-    def __init__(self, scale=None):
-        self._scale = scale
-        self.is_enabled = True
-
-
-class ModelOptLinearStandIn(nn.Module):
-    """What ModelOpt restores for a quantized linear, as far as diffusers' mixed_precision.py reads it (fp8
-    `weight`, `weight_quantizer._scale`, enabled quantizers, `_should_run_real_quant_gemm`). Its own forward is
-    the native W8A8 path written independently of the package: quantise the input with its static scale, then
-    the exact product of the dequantised operands in float64."""
-
-    _should_run_real_quant_gemm = True
-
-    def __init__(self, w8, w_scale, x_scale, bias):
-        super().__init__()
-        self.register_buffer("weight", w8)  # a buffer: the reference reads its activation dtype from parameters()
-        self.bias = bias
-        self.weight_quantizer, self.input_quantizer = _Quantizer(w_scale), _Quantizer(x_scale)
-
-    def forward(self, x):
-        s_in, s_w = self.input_quantizer._scale.double(), self.weight_quantizer._scale.double()
-        x8 = torch.clamp(x.double() / s_in, -448.0, 448.0).to(torch.float8_e4m3fn)
-        y = (x8.double() * s_in) @ (self.weight.double() * s_w).t()
-        if self.bias is not None:
-            y = y + self.bias.double()
-        return y.to(x.dtype)
-
-
-def _reference_fp8(ref, state):
-    model = copy.deepcopy(ref)
-    for name in fp8.quantized_modules(state):
-        parent, _, leaf = name.rpartition(".")
-        old = getattr(model.get_submodule(parent), leaf)
-        setattr(model.get_submodule(parent), leaf, ModelOptLinearStandIn(
-            state[f"{name}.weight"], state[f"{name}.weight_scale"], state[f"{name}.input_scale"], old.bias))
-    return model
-
-
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tmp_path_factory):
     ref = build_reference_transformer(seed=4, **TINY)
@@ -96,7 +56,7 @@ def fp8_checkpoint(tmp_path_factory):
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = fp8.default_quantization_config()
     (folder / "config.json").write_text(json.dumps(config))
-    return folder, _reference_fp8(ref, state), config["quantization_config"]
+    return folder, reference_fp8(ref, state), config["quantization_config"]
 
 
 def test_fp8_checkpoint_loads_as_it_is(fp8_checkpoint):
@@ -283,17 +243,6 @@ def test_regimes_are_two_graphs_without_recompiles(fp8_checkpoint):
                 assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
-def _make_fp8_tool():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "make_fp8_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_fp8_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tool_checkpoint_a16_equals_the_dequantized_checkpoint(tmp_path):
     """tools/make_fp8_checkpoint.py on the embedded debug checkpoint; with every step W8A16 the step equals the
     unquantized model loaded from the dequantized weights (fp8 weight × scale, float32)."""
@@ -302,7 +251,7 @@ def test_tool_checkpoint_a16_equals_the_dequantized_checkpoint(tmp_path):
     from cosmos3_compiled.components import write_checkpoint
 
     src = write_checkpoint(tmp_path / "bf16")
-    dst = _make_fp8_tool().make_fp8_checkpoint(src, tmp_path / "fp8")
+    dst = make_fp8_tool().make_fp8_checkpoint(src, tmp_path / "fp8")
     assert json.loads((dst / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
     state = load_file(str(dst / "transformer" / "diffusion_pytorch_model.safetensors"))
     deq = {k: v for k, v in state.items() if not k.endswith(fp8.SCALE_KEYS)}
@@ -326,20 +275,3 @@ def test_tool_checkpoint_a16_equals_the_dequantized_checkpoint(tmp_path):
             m.text_pass(ids, b)
             outs.append(m.video_step(latents, torch.tensor(400.0), b))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * outs[1].abs().max().item()
-
-
-def test_the_pipeline_refuses_fp8_checkpoints_until_the_policy_is_wired(tmp_path):
-    """Faithful first: an FP8 checkpoint loads (above), but a generation would skip the reference's per-step
-    policy, so `prepare` refuses it in one line before any weights are read."""
-    from helpers import compose_generate
-
-    from cosmos3_compiled.components import write_checkpoint
-    from cosmos3_compiled.request import prepare
-
-    src = write_checkpoint(tmp_path / "bf16")
-    dst = _make_fp8_tool().make_fp8_checkpoint(src, tmp_path / "fp8")
-    for part in ("vae", "scheduler", "text_tokenizer"):  # the other components as the bf16 revision has them
-        shutil.copytree(src / part, dst / part, dirs_exist_ok=True)
-    with pytest.raises(RequestError, match="FP8 .* per-step precision policy") as err:
-        prepare(compose_generate([f"checkpoint={dst}", "height=32", "width=32", "num_frames=1"]), tmp_path / "out")
-    assert "\n" not in str(err.value)

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from cosmos3_compiled import fp8
 from cosmos3_compiled.compile import CompilePlan
 from cosmos3_compiled.model import Branch, Cosmos3Transformer
 from cosmos3_compiled.progress import progress
@@ -75,13 +76,19 @@ class Denoise:
     shape bucket and counts recompiles after warm-up. `cfg_gather`: this rank holds one CFG branch and gathers
     the other's velocity. `batch_cfg`: run both branches as one batch (only when both are on this rank, with
     whole-sequence tokens). `warmup_steps`: this job's steps before the steady state (compile.warmup_steps;
-    resident models serve jobs with any value).
+    resident models serve jobs with any value), per precision regime.
+
+    `precision`: an FP8 checkpoint's per-step policy. The host sets each step's regime (`fp8.apply_step_regime`)
+    before the step; each regime is its own runner (compiled graphs, CUDA graph) of the same step. Wherever the
+    FP8 modes change, `refill_text(state)` (the TextPass stage's `fill`) recomputes the text K/V in place, as the
+    reference's text path runs in the step's regime. Writes metrics["steps"]["regimes"] and ["text_pass_steps"].
     """
 
     def __init__(self, transformer: Cosmos3Transformer, plan: CompilePlan, warmup_steps: int = 1, cfg_gather=None,
-                 batch_cfg: bool = False):
+                 batch_cfg: bool = False, precision: fp8.Fp8Policy | None = None, refill_text=None):
         self.model, self.plan, self.warmup = transformer, plan, warmup_steps
         self.cfg_gather, self.batch_cfg = cfg_gather, batch_cfg
+        self.precision, self.refill_text = precision, refill_text
 
     @torch.no_grad()
     def __call__(self, state: State) -> State:
@@ -89,26 +96,50 @@ class Denoise:
         step = DenoiseStep(self.model, run, state.branches, state.latents, state.request.guidance_scale,
                            cfg_gather=self.cfg_gather if state.request.use_cfg else None, batch_cfg=self.batch_cfg,
                            sound=state.sound_latents, sound_run=state.sound_run)
+        timesteps = state.timesteps.to(torch.float32)
+        n, policy = len(timesteps), self.precision
+        regimes = [None] * n if policy is None else [policy.step_modes(i, n) for i in range(n)]
         # a sound segment makes other shapes of the same latent size: its length joins the bucket's key
         shape = state.request.latent_shape + ((state.request.sound_len,) if state.request.sound_len else ())
-        state.metrics["shape_bucket"] = plan.admit(shape, [b.text_len for b in state.branches])
-        runner = plan.step_runner(step, self.warmup)
-        timesteps = state.timesteps.to(torch.float32)
+        state.metrics["shape_bucket"] = plan.admit(shape, [b.text_len for b in state.branches],
+                                                   tuple(dict.fromkeys(regimes)))
+        runner = plan.step_runner(step, self.warmup, regimes)
         timer = StepTimer(state.latents.device)
-        for i in progress(range(len(timesteps)), desc="denoise", total=len(timesteps)):
+        text_steps = []
+        for i in progress(range(n), desc="denoise", total=n):
+            if policy is not None and fp8.apply_step_regime(self.model, policy, i, n):
+                self.refill_text(state)  # the text tower's FP8 linears changed regime: its K/V with them
+                text_steps.append(i)
             step.timestep.copy_(timesteps[i])  # host → device, no sync on the device side
             run.load_(i)
             with timer:
-                runner()
-            if i + 1 == max(1, self.warmup):
+                runner(i)
+            if i == runner.warm_step:
                 plan.warmed_up()
         state.metrics["steps"] = timer.summary()
+        if policy is not None:
+            state.metrics["precision"] = policy.describe()
+            state.metrics["steps"]["regimes"] = policy.schedule(n)
+            state.metrics["steps"]["text_pass_steps"] = [0, *text_steps] if 0 not in text_steps else text_steps
+            state.metrics["steps"]["steady_median_s_by_regime"] = regime_medians(state.metrics["steps"]["all_s"],
+                                                                                 policy.schedule(n))
         recompiles = plan.steady_recompiles()
         if recompiles is not None:
             state.metrics["steps"]["recompiles_after_warmup"] = recompiles
         state.branches = []  # the K/V buffers are not needed past the last step: free them before decode
         log_checksum(log, "final latents", state.latents)
         return state
+
+
+def regime_medians(secs: list[float], names: list[str]) -> dict:
+    """Median step time per regime name, each regime's first step (its compile or capture) left out."""
+    out = {}
+    for name in dict.fromkeys(names):
+        own = sorted(t for t, r in zip(secs, names) if r == name)
+        first = secs[names.index(name)]
+        own.remove(first)
+        out[name] = own[len(own) // 2] if own else first
+    return out
 
 
 class StepTimer:
