@@ -487,7 +487,7 @@ def calibrate_input_amax(model: nn.Module, input_ids: torch.Tensor, latents: tor
         branch = model.setup_branch(input_ids.shape[0], tuple(latents.shape[2:]), fps=fps)
         model.text_pass(input_ids, branch)
         for t in timesteps:
-            model.video_step(latents, torch.tensor(float(t)), branch)
+            model.video_step(latents, torch.tensor(float(t), device=latents.device), branch)
     finally:
         for h in hooks:
             h.remove()
