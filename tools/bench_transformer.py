@@ -85,6 +85,8 @@ def main() -> None:
                     help="also profile each 'ours' mode: sum of its GPU kernel times and launches per step")
     ap.add_argument("--diffusers", default="eager,regional", help="comma list of: eager, regional ('' to skip)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--offload-text-tower", action="store_true",
+                    help="text-tower weights in host memory (Super on one GPU); the text pass streams them")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last 'ours' mode")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
@@ -102,7 +104,7 @@ def main() -> None:
     results: dict = {"config": vars(args), "latent": latent, "torch": torch.__version__,
                      "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     t0 = time.perf_counter()
-    model = build_random(cfg, seed=0, dtype=dtype, device=dev, fuse=False)
+    model = build_random(cfg, seed=0, dtype=dtype, device=dev, fuse=False, offload_text_tower=args.offload_text_tower)
     sync()
     results["init_s"] = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@
 #   SWEEP=1 bash tools/gpu_bench_default.sh 1 run2: one fresh process running the plain command as a two-job
 #   sweep (`-m seed=0,1`): job 0 is a cold process (warm compile cache if an earlier run left one), job 1 the
 #   next request of a process that already holds the models.
+#   EXTRA="num_frames=81": overrides added to the plain command.
 #   DROP_CACHES=1: ask the kernel to drop the page cache first (needs root), so the load reads the disk.
 set -u
 OUT=${OUT:-/tmp/out}; RUNS=${1:-1}; CKPT=${CKPT:-/tmp/cosmos3-nano}
@@ -26,6 +27,7 @@ for i in $(seq 1 "$RUNS"); do
   fi
   mkdir -p "$OUT/$TAG$i" && cd "$OUT/$TAG$i" || exit 1
   if [ "$SWEEP" = 1 ]; then set -- -m seed=0,1 hydra.sweep.dir=sweep; else set --; fi
+  set -- "$@" ${EXTRA:-}  # EXTRA="num_frames=81": overrides added to the plain command (word-split)
   /usr/bin/time -f "$TAG$i %e s wall" python -m cosmos3_compiled.cli "$@" checkpoint="$CKPT" \
     prompt="A red fox trots through fresh snow at dawn, steam rising from its breath." > log.txt 2>&1
   tail -c 1500 log.txt | tr '\r' '\n' | tail -6
