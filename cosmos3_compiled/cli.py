@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -74,6 +76,7 @@ def fail(message: str, code: int, wait_for_rank0: bool = True) -> NoReturn:
     which could kill rank 0 before its line), then exits with the same code, its line only in the log file
     (`error: rank N: ...`). A rank whose error rank 0 did not report in time prints its own, naming its rank."""
     line = f"error: {message}"
+    _tell_torchrun(line if world_size() <= 1 or is_writer() else f"error: rank {rank()}: {message}")
     if world_size() <= 1:
         print(line, file=sys.stderr)
         log_to_file(line)
@@ -87,6 +90,18 @@ def fail(message: str, code: int, wait_for_rank0: bool = True) -> NoReturn:
             print(mine, file=sys.stderr)
         log_to_file(mine)
     raise SystemExit(code) from None
+
+
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, `line` as this rank's error file: torchrun's failure summary then names it as the root
+    cause instead of a pointer to its docs (its own traceback above the summary is not ours to remove)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    except OSError:  # the launcher's folder gone: the line is still printed
+        pass
 
 
 def _publish_error(line: str) -> None:
