@@ -124,17 +124,21 @@ def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dty
 
 
 def write_checkpoint(folder: str | Path, name: str = "debug", seed: int = 0, distilled: bool = False,
-                     sound_dim: int = 0) -> Path:
+                     sound_dim: int = 0, action_dim: int = 0) -> Path:
     """Write the embedded default model as an official-layout checkpoint folder (fp32 safetensors).
     `distilled`: with the few-step distilled checkpoints' scheduler (FlowMatchEuler on their fixed 4-step schedule,
     scheduler_config.json as shipped) instead of the published UniPC one. `sound_dim`: with the transformer's audio
     head of that many sound channels (`sound_gen: true`; the other weights are the same draws) and a
     `sound_tokenizer` entry in model_index.json; the `sound_tokenizer/` folder itself is the caller's
-    (tools/make_tiny_checkpoint.py --sound saves one with diffusers' own class)."""
+    (tools/make_tiny_checkpoint.py --sound saves one with diffusers' own class). `action_dim`: with the action head
+    (`action_gen: true`, that many action channels, the default 32 embodiment domains; drawn after every other
+    weight, so the rest is unchanged)."""
     folder = Path(folder)
     cfg = preset(name)
     if sound_dim:
         cfg = replace(cfg, sound_gen=True, sound_dim=sound_dim)
+    if action_dim:
+        cfg = replace(cfg, action_gen=True, action_dim=action_dim)
     transformer = build_random(cfg, seed=seed, fuse=False)
     save_transformer(transformer, folder / "transformer")
     vae_cfg = embedded_vae_config(cfg.latent_channel)

@@ -44,8 +44,11 @@ class TransformerConfig:
     sound_gen: bool = False
     sound_dim: int = 0  # sound latent channels (the sound tokenizer's vocoder_input_dim); 0: no audio head
     sound_latent_fps: float = 25.0  # sound latent frames per second (their temporal positions)
-    # An extra head that video generation never runs; its weights are accepted and skipped on load.
+    # The action head (`action_proj_in/out`: one projection per embodiment domain, `action_modality_embed`): loaded
+    # when action_gen, run by `action.mode`.
     action_gen: bool = False
+    action_dim: int = 0  # action channels of the head (raw domain actions are zero-padded to it); 0: no action head
+    num_embodiment_domains: int = 32  # rows of the domain-aware projections
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +93,9 @@ class TransformerConfig:
             problems.append(f"sound_gen needs sound_dim >= 1, got {self.sound_dim}")
         if self.sound_latent_fps <= 0:
             problems.append(f"sound_latent_fps must be positive, got {self.sound_latent_fps}")
+        if self.action_gen and (self.action_dim < 1 or self.num_embodiment_domains < 1):
+            problems.append(f"action_gen needs action_dim >= 1 and num_embodiment_domains >= 1, got "
+                            f"{self.action_dim} and {self.num_embodiment_domains}")
         if self.use_und_k_norm_for_gen and self.qk_norm_for_text:
             problems.append("use_und_k_norm_for_gen only applies when qk_norm_for_text is false")
         if problems:
@@ -128,6 +134,8 @@ class TransformerConfig:
         d["rope_axes_dim"] = list(self.rope_axes_dim)
         if not self.sound_dim:
             d["sound_dim"] = None  # the reference's value for "no audio head"
+        if not self.action_dim:
+            d["action_dim"] = None  # likewise for "no action head"
         return d
 
 

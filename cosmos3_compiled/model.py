@@ -291,6 +291,22 @@ class ResidentTextWeights:
         pass
 
 
+class DomainAwareLinear(nn.Module):
+    """A linear projection with one weight and bias per embodiment domain (stored as the reference's embedding
+    tables: `fc.weight` [domains, in·out] read as [in, out], `bias.weight` [domains, out]). The domain is a 0-dim
+    long tensor, so a request's domain is data to the compiled step."""
+
+    def __init__(self, in_features: int, out_features: int, domains: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fc = nn.Embedding(domains, in_features * out_features)
+        self.bias = nn.Embedding(domains, out_features)
+
+    def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        w = self.fc.weight[domain].view(self.in_features, self.out_features)  # [in, out]
+        return x @ w + self.bias.weight[domain]  # [A, out]
+
+
 @dataclass
 class Branch:
     """Everything one CFG branch's video step reads, allocated once (`Cosmos3Transformer.setup_branch`).
@@ -312,6 +328,12 @@ class Branch:
     sin: torch.Tensor
     noisy: torch.Tensor
     sound_len: int = 0
+    # the action segment after vision (and sound): its tokens, `[A, 1]` noisy mask (all 1 or all 0), the domain
+    # row (0-dim long) and `[1, action_dim]` 1.0 on the domain's channels, 0.0 on the padding
+    action_len: int = 0
+    action_noisy: torch.Tensor | None = None
+    action_domain: torch.Tensor | None = None
+    action_channels: torch.Tensor | None = None
 
     @property
     def vision_len(self) -> int:
@@ -340,7 +362,13 @@ class Cosmos3Transformer(nn.Module):
             self.audio_proj_in = nn.Linear(cfg.sound_dim, cfg.hidden_size)
             self.audio_proj_out = nn.Linear(cfg.hidden_size, cfg.sound_dim)
             self.audio_modality_embed = nn.Parameter(torch.zeros(cfg.hidden_size))
-            self.unused_prefixes = ("action_",)
+        if cfg.action_gen:  # the action segment's domain-aware projections (registered last, as the audio head)
+            d, a, m = cfg.hidden_size, cfg.action_dim, cfg.num_embodiment_domains
+            self.action_proj_in = DomainAwareLinear(a, d, m)
+            self.action_proj_out = DomainAwareLinear(d, a, m)
+            self.action_modality_embed = nn.Parameter(torch.zeros(d))
+        self.unused_prefixes = tuple(p for p, used in (("audio_", cfg.sound_gen), ("action_", cfg.action_gen))
+                                     if not used)
         self.tokens = self.local_tokens  # token hook: shard before the layers, gather after
         self.text_weights = ResidentTextWeights()  # text-weight hook around each text layer (offload.py)
 
@@ -398,7 +426,8 @@ class Cosmos3Transformer(nn.Module):
 
     def setup_branch(
         self, text_len: int, latent_shape: tuple[int, int, int], fps: float, clean_frames: tuple[int, ...] = (),
-        temporal_compression: int = 4, sound_len: int = 0,
+        temporal_compression: int = 4, sound_len: int = 0, action_len: int = 0, action_clean: bool = False,
+        action_domain: int = 0, action_width: int = 0,
     ) -> Branch:
         """Allocate one CFG branch's static buffers and RoPE tables for a text length and latent size, and
         `sound_len` sound latent frames (a sound segment after the vision tokens; 0: none).
@@ -407,8 +436,10 @@ class Cosmos3Transformer(nn.Module):
         cfg, dev, dt = self.cfg, self.device, self.dtype
         if sound_len and not cfg.sound_gen:
             raise ValueError("a sound segment needs a transformer with sound_gen (its audio head)")
+        if action_len and not cfg.action_gen:
+            raise ValueError("an action segment needs a transformer with action_gen (its action head)")
         grid = self.patch_grid(latent_shape)
-        n = grid[0] * grid[1] * grid[2] + sound_len
+        n = grid[0] * grid[1] * grid[2] + sound_len + action_len
         self.tokens.setup_tokens(n)
 
         def kv_buffer() -> torch.Tensor:
@@ -428,6 +459,14 @@ class Cosmos3Transformer(nn.Module):
                 cfg.unified_3d_mrope_temporal_modality_margin, cfg.enable_fps_modulation, 1,
             )
             pos = torch.cat([pos, sound], dim=1)  # [3, N + S]
+        if action_len:
+            # actions are transitions: token i sits at frame i + 1 of the clip, at the vision's offset, one pixel
+            # frame (base_fps / temporal_compression latent steps per fps) apart; rows = columns = 0
+            acts = ops.video_positions(
+                (action_len, 1, 1), text_len, fps, float(cfg.base_fps), cfg.unified_3d_mrope_temporal_modality_margin,
+                cfg.enable_fps_modulation, 1, base_temporal_compression=temporal_compression, start=1,
+            )
+            pos = torch.cat([pos, acts], dim=1)  # [3, N + S + A]
         if not cfg.unified_3d_mrope_reset_spatial_ids:
             pos[1:] += text_len + cfg.unified_3d_mrope_temporal_modality_margin
         cos, sin = ops.mrope_tables(pos.to(dev), cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, dt)
@@ -435,7 +474,15 @@ class Cosmos3Transformer(nn.Module):
         noisy = torch.ones(grid[0], 1, 1, device=dev, dtype=torch.float32)
         for f in clean_frames:
             noisy[f] = 0.0
-        return Branch(text_len, grid, k_bufs, v_bufs, cos, sin, noisy, sound_len)
+        branch = Branch(text_len, grid, k_bufs, v_bufs, cos, sin, noisy, sound_len)
+        if action_len:
+            branch.action_len = action_len
+            branch.action_noisy = torch.full((action_len, 1), 0.0 if action_clean else 1.0, device=dev)
+            branch.action_domain = torch.tensor(action_domain, device=dev, dtype=torch.long)
+            channels = torch.zeros(1, cfg.action_dim, device=dev)
+            channels[:, :action_width] = 1.0
+            branch.action_channels = channels
+        return branch
 
     # ---- text tower: once per prompt and CFG branch --------------------------------------------
 
@@ -486,6 +533,18 @@ class Cosmos3Transformer(nn.Module):
         """The sound segment's head on its final-normed hidden states [S, d] → velocity [C_s, S] fp32."""
         return self.audio_proj_out(h).t().float()
 
+    def embed_action(self, action: torch.Tensor, temb: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """The action segment's tokens: latents [A, action_dim] → the domain's `action_proj_in` + the modality
+        embedding + the timestep embedding on noisy tokens → [A, d]."""
+        x = self.action_proj_in(action.to(self.dtype), branch.action_domain) + self.action_modality_embed  # [A, d]
+        return x + branch.action_noisy.to(x.dtype) * temb
+
+    def action_velocity(self, h: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """The action segment's head on its final-normed hidden states [A, d] → velocity [A, action_dim] fp32, zero
+        on clean tokens and on the domain's padding channels."""
+        v = self.action_proj_out(h, branch.action_domain).float()
+        return v * branch.action_noisy * branch.action_channels
+
     def embed_video(self, latents: torch.Tensor, timestep: torch.Tensor, noisy: torch.Tensor,
                     temb: torch.Tensor | None = None) -> torch.Tensor:
         """Patchify latents [1, C, T, h, w] (zero-padded to even h, w), project, add the timestep embedding
@@ -511,29 +570,46 @@ class Cosmos3Transformer(nn.Module):
         return v.unsqueeze(0)
 
     def embed_step(self, latents: torch.Tensor, timestep: torch.Tensor, noisy: torch.Tensor,
-                   sound: torch.Tensor | None = None) -> torch.Tensor:
-        """The video tower's input tokens: the vision segment [N, d], then the sound segment's [S, d] when there
-        is one (→ [N + S, d])."""
-        if sound is None:
+                   sound: torch.Tensor | None = None, action: torch.Tensor | None = None,
+                   branch: Branch | None = None) -> torch.Tensor:
+        """The video tower's input tokens: the vision segment [N, d], then the sound segment's [S, d] and the action
+        segment's [A, d] when there are (→ [N + S + A, d]). `branch` holds the action segment's domain and mask."""
+        if sound is None and action is None:
             return self.embed_video(latents, timestep, noisy)
         temb = self.embed_time(timestep)
-        return torch.cat([self.embed_video(latents, timestep, noisy, temb), self.embed_sound(sound, temb)])
+        parts = [self.embed_video(latents, timestep, noisy, temb)]
+        if sound is not None:
+            parts.append(self.embed_sound(sound, temb))
+        if action is not None:
+            parts.append(self.embed_action(action, temb, branch))
+        return torch.cat(parts)
+
+    def segment_heads(self, h: torch.Tensor, latents: torch.Tensor, branch: Branch, sound: bool, action: bool):
+        """Each segment of the final-normed hidden states [N + S + A, d] through its own head: (velocity, sound
+        velocity?, action velocity?)."""
+        n = branch.vision_len
+        outs = [self.unpatchify(self.proj_out(h[:n]), latents.shape, branch.grid, branch.noisy)]
+        if sound:
+            outs.append(self.sound_velocity(h[n : n + branch.sound_len]))
+        if action:
+            outs.append(self.action_velocity(h[n + branch.sound_len :], branch))
+        return tuple(outs)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch,
-                sound: torch.Tensor | None = None):
+                sound: torch.Tensor | None = None, action: torch.Tensor | None = None):
         """The video step: latents [1, C, T, h, w], timestep 0-dim → velocity [1, C, T, h, w] fp32; with the
         sound segment's latents `sound` [C_s, S] (a branch set up with `sound_len` S) → (velocity, sound
-        velocity [C_s, S] fp32)."""
-        h = self.tokens.shard_tokens(self.embed_step(latents, timestep, branch.noisy, sound))  # [N (+S), d] or this rank's
+        velocity [C_s, S] fp32); with the action segment's latents `action` [A, action_dim] also its velocity
+        (velocity, sound velocity?, action velocity [A, action_dim] fp32)."""
+        h = self.embed_step(latents, timestep, branch.noisy, sound, action, branch)
+        h = self.tokens.shard_tokens(h)  # [N (+S +A), d] or this rank's
         for layer, k_buf, v_buf in zip(self.layers, branch.k_bufs, branch.v_bufs):
             h = layer(h, (k_buf,), (v_buf,), branch.cos, branch.sin)
-        if sound is None:
+        if sound is None and action is None:
             out = self.tokens.gather_tokens(self.proj_out(self.norm_moe_gen(h)))  # [N, p·p·C]
             return self.unpatchify(out, latents.shape, branch.grid, branch.noisy)
-        h = self.tokens.gather_tokens(self.norm_moe_gen(h))  # [N + S, d]: each segment to its own head
-        n = branch.vision_len
-        velocity = self.unpatchify(self.proj_out(h[:n]), latents.shape, branch.grid, branch.noisy)
-        return velocity, self.sound_velocity(h[n:])
+        h = self.tokens.gather_tokens(self.norm_moe_gen(h))  # [N + S + A, d]: each segment to its own head
+        return self.segment_heads(h, latents, branch, sound is not None, action is not None)
 
     @staticmethod
     def setup_batched(branches: list[Branch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -542,19 +618,19 @@ class Cosmos3Transformer(nn.Module):
 
     def forward_batched(
         self, latents: torch.Tensor, timestep: torch.Tensor, branches: list[Branch], cos: torch.Tensor,
-        sin: torch.Tensor, sound: torch.Tensor | None = None,
+        sin: torch.Tensor, sound: torch.Tensor | None = None, action: torch.Tensor | None = None,
     ) -> list:
         """The video step for several CFG branches at once (same latents and timestep, different text):
         their tokens go through every linear as one batch (bigger GEMMs, fewer launches), attention stays
         per branch. cos / sin from `setup_batched`. Returns one fp32 velocity per branch (with `sound`: one
         (velocity, sound velocity) pair per branch, as `forward`)."""
-        h = self.embed_step(latents, timestep, branches[0].noisy, sound)  # [N (+S), d]: the same for every branch
+        h = self.embed_step(latents, timestep, branches[0].noisy, sound, action, branches[0])  # the same for all
         h = self.tokens.shard_tokens(h)
         n, count = h.shape[0], len(branches)
         h = h.repeat(count, 1)  # [B·N, d]
         for i, layer in enumerate(self.layers):
             h = layer(h, tuple(b.k_bufs[i] for b in branches), tuple(b.v_bufs[i] for b in branches), cos, sin)
-        if sound is None:
+        if sound is None and action is None:
             out = self.proj_out(self.norm_moe_gen(h))  # [B·N, p·p·C]
             return [
                 self.unpatchify(self.tokens.gather_tokens(out[i * n : (i + 1) * n]), latents.shape, b.grid, b.noisy)
@@ -563,10 +639,8 @@ class Cosmos3Transformer(nn.Module):
         h = self.norm_moe_gen(h)
         outs = []
         for i, b in enumerate(branches):
-            hb = self.tokens.gather_tokens(h[i * n : (i + 1) * n])  # [N + S, d]
-            v = b.vision_len
-            outs.append((self.unpatchify(self.proj_out(hb[:v]), latents.shape, b.grid, b.noisy),
-                         self.sound_velocity(hb[v:])))
+            hb = self.tokens.gather_tokens(h[i * n : (i + 1) * n])  # [N + S + A, d]
+            outs.append(self.segment_heads(hb, latents, b, sound is not None, action is not None))
         return outs
 
     video_step = forward

@@ -77,18 +77,21 @@ def text_positions(length: int) -> torch.Tensor:
 
 def video_positions(
     grid: tuple[int, int, int], text_len: int, fps: float, base_fps: float, margin: int, fps_modulation: bool,
-    temporal_compression: int = 4,
+    temporal_compression: int = 4, base_temporal_compression: int | None = None, start: int = 0,
 ) -> torch.Tensor:
-    """mRoPE ids of the video tokens (time-major, then rows, then columns); spatial ids restart at 0."""
+    """mRoPE ids of the video tokens (time-major, then rows, then columns); spatial ids restart at 0. `start`: the
+    first token's frame index (the action segment starts at 1); `base_temporal_compression`: the compression of
+    the base rate when it differs from the tokens' own (actions: 4 against 1)."""
     t, h, w = grid
     offset = text_len + margin
+    base_tc = temporal_compression if base_temporal_compression is None else base_temporal_compression
     if fps_modulation and t > 1:
         # frames advance by base_fps/fps latent steps; same float32 op order as the reference
         tps = fps / temporal_compression
-        base_tps = base_fps / temporal_compression
-        times = torch.arange(t, dtype=torch.float32) / tps * base_tps + offset
+        base_tps = base_fps / base_tc
+        times = (torch.arange(t, dtype=torch.float32) + start) / tps * base_tps + offset
     else:
-        times = (torch.arange(t, dtype=torch.long) + offset).float()
+        times = (torch.arange(t, dtype=torch.long) + offset + start).float()
     tt = times.view(t, 1, 1).expand(t, h, w)
     rows = torch.arange(h, dtype=torch.float32).view(1, h, 1).expand(t, h, w)
     cols = torch.arange(w, dtype=torch.float32).view(1, 1, w).expand(t, h, w)

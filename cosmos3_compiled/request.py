@@ -7,6 +7,7 @@ wrong raises `RequestError` with one line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import uuid
@@ -16,7 +17,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from . import action as action_mod
 from . import attention, sharding
 from .audio import AAC_SAMPLE_RATES
 from .components import DTYPES, CheckpointSpec, read_checkpoint
@@ -27,7 +31,7 @@ from .checkpoint import WEIGHTS_STEM
 from .checkpoint_io import read_header, weight_files
 from .fp8 import Fp8Policy, linear_group, missing_input_scales, read_quantization_config
 from .hub import resolve_checkpoint
-from .media import probe_clip
+from .media import probe_clip, read_clip
 from .schema import unknown_keys
 from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowMatchEulerScheduler, FlowUniPCScheduler, merge_schedule_overrides
 from .model import check_fused_qk_rope, fused_qk_rope_supported
@@ -54,6 +58,13 @@ class Request:
     add_resolution_template: bool = True
     add_duration_template: bool = True
     sound_len: int = 0  # sound=true: the sound segment's latent frames (`check_sound`); 0: no sound
+    action: action_mod.ActionSpec | None = None  # an action task (`check_action`); its clip is image / video
+    action_source: Path | None = None  # the action task's conditioning image or clip
+
+    @property
+    def action_len(self) -> int:
+        """The action segment's tokens (0: no action task)."""
+        return 0 if self.action is None else self.action.chunk_size
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -71,8 +82,8 @@ class Request:
 
     @property
     def encodes(self) -> bool:
-        """The VAE encoder runs: image- or video-to-video."""
-        return self.image_to_video or self.video_to_video
+        """The VAE encoder runs: image- or video-to-video, or an action task."""
+        return self.image_to_video or self.video_to_video or self.action is not None
 
     @property
     def use_cfg(self) -> bool:
@@ -86,6 +97,8 @@ class Request:
     def clean_frames(self) -> tuple[int, ...]:
         """Latent frames kept clean (not denoised): frame 0 in image-to-video, `condition_frames` in
         video-to-video (in order, once each)."""
+        if self.action is not None:
+            return self.action.clean_frames
         if self.video_to_video:
             return tuple(sorted(set(self.condition_frames)))
         return (0,) if self.image_to_video else ()
@@ -334,10 +347,160 @@ def check_sound(cfg: DictConfig, request: Request, checkpoint: CheckpointSpec | 
     return audio.latent_len(request.num_frames, request.fps)
 
 
+def _with_size(cfg: DictConfig, request: Request, auto: dict) -> DictConfig:
+    """`cfg` with the action task's output size and frame count (what the stages and metrics.json read)."""
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(out, False)
+    why = f"action.mode={request.action.mode}: the tier's canvas cropped to the content / chunk_size + 1"
+    for key in ("height", "width", "num_frames"):
+        out[key] = getattr(request, key)
+        auto[key] = f"{out[key]}: {why}"
+    return out
+
+
+def check_action_request(cfg: DictConfig) -> None:
+    """What an action task refuses before anything else is read: the size keys (it sizes itself from the tier and
+    chunk_size), an unknown mode value's companions, an unknown domain or one without an action width."""
+    node = cfg.action
+    mode = value(node.mode)
+    if mode is None:
+        given = [k for k in ("domain", "chunk_size", "actions", "raw_dim") if node[k] is not None]
+        if given:
+            raise RequestError(f"action.{given[0]} is set but action.mode is null: pass action.mode="
+                               f"{'|'.join(action_mod.MODES)}, or drop action.{given[0]}")
+        return
+    sizes = [k for k in ("height", "width", "num_frames") if cfg[k] is not None]
+    if sizes:
+        raise RequestError(f"{sizes[0]}= does not apply to action.mode={mode}: the size comes from "
+                           "action.resolution_tier and the frames from action.chunk_size + 1; drop it")
+    domain = node.domain
+    if domain is None:
+        raise RequestError(f"action.mode={mode} needs action.domain (one of {sorted(action_mod.RAW_DIMS)})")
+    if domain not in action_mod.DOMAIN_IDS:
+        near = difflib.get_close_matches(str(domain), list(action_mod.DOMAIN_IDS), n=1)
+        hint = f"; did you mean {near[0]}?" if near else f"; known: {sorted(action_mod.DOMAIN_IDS)}"
+        raise RequestError(f"action.domain={domain!r} is not a Cosmos3 embodiment domain{hint}")
+    if domain not in action_mod.RAW_DIMS:
+        raise RequestError(f"action.domain={domain} has no fixed action width, so no action task can run on it; "
+                           f"use one of {sorted(action_mod.RAW_DIMS)}")
+    raw = action_mod.RAW_DIMS[domain]
+    if node.raw_dim is not None and int(node.raw_dim) != raw:
+        raise RequestError(f"action.raw_dim={node.raw_dim} is not the width of domain {domain} ({raw}); drop "
+                           "action.raw_dim or pass that width")
+    chunk = node.chunk_size
+    if chunk is None or chunk < 1 or chunk % 4:
+        raise RequestError(f"action.chunk_size={chunk}: pass a positive multiple of 4 (the clip has chunk_size + 1 "
+                           "frames, 4k+1 for the VAE)")
+    if int(node.resolution_tier) not in action_mod.TIERS:
+        raise RequestError(f"action.resolution_tier={node.resolution_tier}: use one of {sorted(action_mod.TIERS)}")
+    if cfg.image is not None and cfg.video is not None:
+        raise RequestError(f"action.mode={mode} takes one conditioning: image= or video=, not both")
+    if cfg.image is None and cfg.video is None:
+        raise RequestError(f"action.mode={mode} needs the first frame: pass image=<file> or video=<clip>")
+    if mode == "inverse_dynamics" and cfg.video is None:
+        raise RequestError("action.mode=inverse_dynamics infers the actions of a clip: pass video=<clip>, not image=")
+    if mode == "forward_dynamics" and node.actions is None:
+        raise RequestError("action.mode=forward_dynamics needs the actions: pass action.actions=<file.safetensors> "
+                           "(key `actions`, [n, raw_dim])")
+    if mode != "forward_dynamics" and node.actions is not None:
+        raise RequestError(f"action.actions is read by forward_dynamics only; action.mode={mode} generates the "
+                           "actions: drop action.actions")
+    if node.view_point not in action_mod.VIEW_POINTS:
+        raise RequestError(f"action.view_point={node.view_point!r}: use one of {sorted(action_mod.VIEW_POINTS)}")
+
+
+def read_actions(path: Path, raw_dim: int, domain: str) -> torch.Tensor:
+    """Forward dynamics' actions: a safetensors file with key `actions`, [n, raw_dim], n >= 1, float."""
+    if not path.is_file():
+        raise RequestError(f"action.actions={path} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise RequestError(f"action.actions={path} is not a readable safetensors file ({err})") from None
+    if "actions" not in tensors:
+        raise RequestError(f"action.actions={path} has no tensor named `actions` (found {sorted(tensors)})")
+    a = tensors["actions"]
+    if a.ndim != 2 or a.shape[0] < 1 or not a.is_floating_point():
+        raise RequestError(f"action.actions={path}: `actions` must be a float [n, {raw_dim}] tensor with n >= 1, "
+                           f"got {a.dtype} {list(a.shape)}")
+    if a.shape[1] != raw_dim:
+        raise RequestError(f"action.actions={path}: width {a.shape[1]} is not the action width of domain {domain} "
+                           f"({raw_dim})")
+    return a.float()
+
+
+def first_frame_size(path: Path, is_video: bool) -> tuple[int, int]:
+    """(height, width) of the conditioning source's first frame."""
+    try:
+        if is_video:
+            frames = read_clip(path, 1, "first")
+            if not frames:
+                raise ValueError(f"video {path} has no frames")
+            return frames[0].height, frames[0].width
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, ValueError) as err:
+        raise RequestError(f"action conditioning {path} cannot be read ({err})") from None
+
+
+def check_action(cfg: DictConfig, request: Request, checkpoint: CheckpointSpec | None,
+                 scheduler: FlowUniPCScheduler | FlowMatchEulerScheduler) -> Request:
+    """The request of an action task (unchanged without one): the checkpoint must carry the action head, the
+    source's size gives the canvas and content, the prompt becomes the JSON caption (no metadata sentences; the
+    negative prompt as given), frames chunk_size + 1 at the content's size."""
+    node = cfg.action
+    mode = value(node.mode)
+    if mode is None:
+        return request
+    if checkpoint is None:
+        raise RequestError(f"action.mode={mode} needs a checkpoint with the action head (action_gen: true); the "
+                           f"embedded model={cfg.model.name} has none: pass checkpoint=<folder or Hub id>")
+    model = checkpoint.transformer
+    if not model.action_gen or model.action_dim < 1:
+        raise RequestError(f"action.mode={mode}: {checkpoint.folder}/transformer/config.json has action_gen false "
+                           "(no action head); use an action-capable checkpoint")
+    domain = str(node.domain)
+    raw = action_mod.RAW_DIMS[domain]
+    if raw > model.action_dim:
+        raise RequestError(f"action.domain={domain} has {raw} action channels, more than the checkpoint's "
+                           f"action_dim={model.action_dim}")
+    if action_mod.DOMAIN_IDS[domain] >= model.num_embodiment_domains:
+        raise RequestError(f"action.domain={domain} is row {action_mod.DOMAIN_IDS[domain]} of the domain "
+                           f"projections, but the checkpoint has {model.num_embodiment_domains}")
+    if isinstance(scheduler, FlowMatchEulerScheduler):
+        raise RequestError(f"action.mode={mode} is not supported with a distilled checkpoint's fixed-step sampler")
+    if cfg.sound:
+        raise RequestError(f"sound=true with action.mode={mode} is not supported yet: drop one")
+    par = cfg.parallel
+    if par.cfg or par.ulysses > 1 or value(par.shard) != "none" or par.vae_rows:
+        raise RequestError(f"action.mode={mode} runs on one process for now: use parallel=none")
+    actions = None
+    if mode == "forward_dynamics":
+        actions = read_actions(Path(str(node.actions)).expanduser(), raw, domain)
+    is_video = cfg.video is not None
+    source = Path(str(cfg.video if is_video else cfg.image)).expanduser()
+    frame = action_mod.source_size(*first_frame_size(source, is_video))
+    if min(frame) < 1:
+        raise RequestError(f"action conditioning {source} is smaller than 16 x 16 pixels")
+    tier = int(node.resolution_tier)
+    canvas = action_mod.canvas_size(*frame, tier)
+    spec = action_mod.ActionSpec(mode=mode, domain=domain, chunk_size=int(node.chunk_size), raw_dim=raw,
+                                 action_dim=model.action_dim, canvas=canvas,
+                                 content=action_mod.content_size(frame, canvas), view_point=str(node.view_point),
+                                 actions=actions)
+    h, w = spec.latent_hw
+    prompt = action_mod.json_prompt(request.prompt, view_point=spec.view_point, num_frames=spec.num_frames,
+                                    fps=request.fps, height=canvas[0], width=canvas[1])
+    return dataclasses.replace(request, prompt=prompt, height=h * 16, width=w * 16, num_frames=spec.num_frames,
+                               image=None, video=None, add_resolution_template=False, add_duration_template=False,
+                               action=spec, action_source=source)
+
+
 def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     """Every check, cheapest first (the request before a Hub download); `writes`: this process writes the
     outputs (global rank 0). `auto` and unset values are resolved here (`defaults`), explicit ones kept."""
     check_keys(cfg)
+    check_action_request(cfg)
     cfg, auto = request_defaults(cfg)
     request = build_request(cfg)
     checkpoint = None
@@ -353,6 +516,9 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     check_sampler(request, scheduler.fixed_steps)
     precision = check_precision(cfg, checkpoint, request.num_inference_steps)
     request = dataclasses.replace(request, sound_len=check_sound(cfg, request, checkpoint, scheduler))
+    request = check_action(cfg, request, checkpoint, scheduler)
+    if request.action is not None:  # the size the action task chose, in place of request_defaults' guesses
+        cfg = _with_size(cfg, request, auto)
     model = preset(cfg.model.name) if checkpoint is None else checkpoint.transformer
     cfg, chosen = machine_defaults(cfg, checkpoint, request, model)
     auto.update(chosen)

@@ -119,6 +119,23 @@ class PrecisionConfig:
     last_steps: Optional[int] = None
 
 
+class ActionMode(str, Enum):
+    forward_dynamics = "forward_dynamics"  # first frame and actions clean → video
+    policy = "policy"  # first frame clean → video and actions
+    inverse_dynamics = "inverse_dynamics"  # the whole clip clean → actions
+
+
+@dataclass
+class ActionConfig:
+    mode: Optional[ActionMode] = None  # None: no action task
+    domain: Optional[str] = None
+    chunk_size: Optional[int] = None
+    resolution_tier: int = 480
+    actions: Optional[str] = None
+    raw_dim: Optional[int] = None
+    view_point: str = "ego_view"
+
+
 class ShardMode(str, Enum):
     none = "none"  # every rank holds the whole model
     fsdp = "fsdp"  # the video tower's weights sharded over every rank (FSDP2, sharding.py)
@@ -170,6 +187,7 @@ class GenerateConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    action: ActionConfig = field(default_factory=ActionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

@@ -70,11 +70,14 @@ def make_reference_checkpoint(
     qk_norm_for_text: bool = True,
     use_und_k_norm_for_gen: bool = False,
     sound: bool = False,
+    action_dim: int = 0,
 ) -> Path:
     """Write model_index.json, transformer/, vae/, scheduler/, text_tokenizer/ under `root`; return `root`.
 
     `vocab_size` defaults to the built-in tokenizer size rounded up to a multiple of 64. `sound`: a sound-capable
     checkpoint (the transformer's audio head, `sound_gen: true`, and a tiny `sound_tokenizer/`, `make_sound_tokenizer`).
+    `action_dim`: an action-capable one (`action_gen: true`, that many action channels, 32 embodiment domains; the
+    domain-aware projections rescaled to std 1/sqrt(fan_in) of one domain's matrix).
     """
     from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
     from transformers import AutoTokenizer
@@ -100,8 +103,13 @@ def make_reference_checkpoint(
         latent_channel=LATENT_CHANNELS,
         patch_latent_dim=LATENT_CHANNELS * 4,
         **(dict(sound_gen=True, sound_dim=TINY_AUDIO.latent_dim, sound_latent_fps=25.0) if sound else {}),
+        **(dict(action_gen=True, action_dim=action_dim, num_embodiment_domains=32) if action_dim else {}),
     ).float()
     randomize_(transformer, seed)
+    if action_dim:
+        with torch.no_grad():  # randomize_ reads a table row (in·out numbers) as the fan-in
+            transformer.action_proj_in.fc.weight.mul_(hidden ** 0.5)
+            transformer.action_proj_out.fc.weight.mul_(action_dim ** 0.5)
 
     latents_mean = (0.5 * torch.randn(LATENT_CHANNELS, generator=gen)).tolist()
     latents_std = (0.5 + torch.rand(LATENT_CHANNELS, generator=gen)).tolist()

@@ -13,6 +13,9 @@ run 4 steps with guidance 1.
 `sound_tokenizer/` (`audio.TINY`: 8 kHz stereo, 25 latent frames per second) saved by diffusers' own
 `Cosmos3AVAEAudioTokenizer` class with seeded weights, weight-normalised convolutions as shipped. Needs diffusers.
 
+`--action` writes an action-capable checkpoint (for `action.mode=...`): the transformer gets its action head
+(`action_gen: true`, `action_dim` 16, 32 embodiment domains; every other weight the same draw as without it).
+
 Example: python tools/make_tiny_checkpoint.py /tmp/cosmos3-debug --preset debug --seed 0
 """
 
@@ -26,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 PRESETS = ("debug", "debug_edge")
+TINY_ACTION_DIM = 16  # wider than the tiny domains used in tests (bridge: 10), narrower than hand_pose (57)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -37,6 +41,8 @@ def main(argv: list[str] | None = None) -> Path:
                     help="the distilled 4-step checkpoints' scheduler (FlowMatchEuler, fixed schedule) instead of UniPC")
     ap.add_argument("--sound", action="store_true",
                     help="a sound-capable checkpoint: audio head (sound_gen: true) and a tiny sound_tokenizer/ (diffusers)")
+    ap.add_argument("--action", action="store_true",
+                    help="an action-capable checkpoint: the action head (action_gen: true, action_dim 16)")
     args = ap.parse_args(argv)
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         ap.error(f"{args.output} exists and is not an empty folder; pick a new path")
@@ -46,10 +52,12 @@ def main(argv: list[str] | None = None) -> Path:
     from cosmos3_compiled.audio import TINY  # noqa: E402
 
     folder = write_checkpoint(args.output, name=args.preset, seed=args.seed, distilled=args.distilled,
-                              sound_dim=TINY.latent_dim if args.sound else 0)
+                              sound_dim=TINY.latent_dim if args.sound else 0,
+                              action_dim=TINY_ACTION_DIM if args.action else 0)
     if args.sound:
         write_sound_tokenizer(folder / "sound_tokenizer", TINY, seed=args.seed + 2)
     kind = (", distilled 4-step scheduler" if args.distilled else "") + (", with sound" if args.sound else "")
+    kind += ", with the action head" if args.action else ""
     print(f"wrote {args.preset} (seed {args.seed}{kind}) to {folder}")
     return folder
 

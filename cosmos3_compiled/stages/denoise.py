@@ -32,14 +32,20 @@ class DenoiseStep:
 
     Sound (`sound` [C_s, S], `sound_run`): the sound segment rides in the same video steps (the branches were set
     up with its tokens); its velocity gets the same CFG combine and its own UniPC update, inside this one step.
+    Actions (`action` [A, action_dim], `action_run`, `action_channels` [1, action_dim]) likewise, after sound; with
+    no noisy action token (forward dynamics) `action_run` is None and the actions are never stepped; after each
+    update the padding channels are zeroed again.
     """
 
     def __init__(self, model: Cosmos3Transformer, run: UniPCRun | FlowMatchRun, branches: list[Branch],
                  latents: torch.Tensor, guidance_scale: float, cfg_gather=None, batch_cfg: bool = False,
-                 sound: torch.Tensor | None = None, sound_run: UniPCRun | None = None):
+                 sound: torch.Tensor | None = None, sound_run: UniPCRun | None = None,
+                 action: torch.Tensor | None = None, action_run: UniPCRun | None = None,
+                 action_channels: torch.Tensor | None = None):
         self.model, self.run, self.branches = model, run, branches
         self.latents = latents
         self.sound, self.sound_run = sound, sound_run
+        self.action, self.action_run, self.action_channels = action, action_run, action_channels
         self.guidance = guidance_scale
         self.cfg_gather = cfg_gather
         self.timestep = torch.zeros((), device=latents.device, dtype=torch.float32)
@@ -47,20 +53,27 @@ class DenoiseStep:
         self.batched = model.setup_batched(branches) if batch_cfg and len(branches) > 1 else None
 
     def __call__(self) -> torch.Tensor:
-        sound = () if self.sound is None else (self.sound,)
+        extra = dict(sound=self.sound, action=self.action)
         uncond = None
         if self.batched is not None:
-            cond, uncond = self.model.forward_batched(self.latents, self.timestep, self.branches, *self.batched, *sound)
+            cond, uncond = self.model.forward_batched(self.latents, self.timestep, self.branches, *self.batched,
+                                                      **extra)
         else:
-            cond = self.model(self.latents, self.timestep, self.branches[0], *sound)
+            cond = self.model(self.latents, self.timestep, self.branches[0], **extra)
             if self.cfg_gather is not None:
                 cond, uncond = self.cfg_gather(cond)
             elif len(self.branches) > 1:
-                uncond = self.model(self.latents, self.timestep, self.branches[1], *sound)
-        if self.sound is None:
+                uncond = self.model(self.latents, self.timestep, self.branches[1], **extra)
+        if self.sound is None and self.action is None:
             return self.run.step_(self.guide(cond, uncond), self.latents)
-        # (vision, sound) velocities per branch: each segment combined alike, each updated by its own run
-        self.sound_run.step_(self.guide(cond[1], None if uncond is None else uncond[1]), self.sound)
+        # (vision, sound?, action?) velocities per branch: each segment combined alike, each updated by its own run
+        i = 1
+        if self.sound is not None:
+            self.sound_run.step_(self.guide(cond[i], None if uncond is None else uncond[i]), self.sound)
+            i += 1
+        if self.action_run is not None:
+            self.action_run.step_(self.guide(cond[i], None if uncond is None else uncond[i]), self.action)
+            self.action.mul_(self.action_channels)
         return self.run.step_(self.guide(cond[0], None if uncond is None else uncond[0]), self.latents)
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
@@ -95,12 +108,17 @@ class Denoise:
         plan, run = self.plan, state.run
         step = DenoiseStep(self.model, run, state.branches, state.latents, state.request.guidance_scale,
                            cfg_gather=self.cfg_gather if state.request.use_cfg else None, batch_cfg=self.batch_cfg,
-                           sound=state.sound_latents, sound_run=state.sound_run)
+                           sound=state.sound_latents, sound_run=state.sound_run, action=state.action_latents,
+                           action_run=state.action_run,
+                           action_channels=state.branches[0].action_channels if state.branches else None)
         timesteps = state.timesteps.to(torch.float32)
         n, policy = len(timesteps), self.precision
         regimes = [None] * n if policy is None else [policy.step_modes(i, n) for i in range(n)]
         # a sound segment makes other shapes of the same latent size: its length joins the bucket's key
         shape = state.request.latent_shape + ((state.request.sound_len,) if state.request.sound_len else ())
+        # an action segment likewise; whether its actions are stepped (not in forward dynamics) changes the step
+        action = state.request.action
+        shape += (("action", action.chunk_size, action.actions_clean),) if action is not None else ()
         state.metrics["shape_bucket"] = plan.admit(shape, [b.text_len for b in state.branches],
                                                    tuple(dict.fromkeys(regimes)))
         runner = plan.step_runner(step, self.warmup, regimes)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cosmos3_compiled import action as action_mod
 from cosmos3_compiled.media import read_clip
 from cosmos3_compiled.vae import WanVAE
 
@@ -54,7 +55,9 @@ class Latents:
     """Reads request; writes latents [1, channels, T, h, w] fp32 on `device` (the VAE encodes the image or
     the clip's conditioning frames), metrics["conditioning"] in video-to-video; with sound (`request.sound_len`),
     sound_latents [sound_channels, S]: pure noise drawn from the same generator right after the vision noise, as the
-    reference draws it."""
+    reference draws it; with an action task (`request.action`), its clean latent frames (the source fitted into the
+    tier's canvas, encoded, cropped to the content) and action_latents [chunk_size, action_dim] (drawn after the
+    other noise), metrics["conditioning"]."""
 
     def __init__(self, vae: WanVAE, channels: int, device: torch.device, sound_channels: int = 0):
         self.vae, self.channels, self.device = vae, channels, device
@@ -76,8 +79,32 @@ class Latents:
             latents[:, :, :1] = x0
         elif r.video_to_video:
             state.metrics["conditioning"] = self.encode_clip(r, latents)
+        if r.action is not None:
+            state.metrics["conditioning"] = self.encode_action(r, latents)
+            state.action_latents = action_mod.initial_actions(r.action, gen).to(self.device)
         state.latents = latents
         return state
+
+    def encode_action(self, r, latents: torch.Tensor) -> dict:
+        """Write an action task's clean latent frames into `latents`: the source's frames (each side rounded down
+        to a multiple of 16 by the reference's bilinear resize) fitted into the canvas, encoded, cropped."""
+        spec = r.action
+        t0 = time.perf_counter()
+        if r.action_source.is_file() and spec.mode != "inverse_dynamics" and _is_image(r.action_source):
+            with Image.open(r.action_source) as im:
+                frames = [im.convert("RGB")]
+        else:
+            frames = read_clip(r.action_source, spec.encoded_frames, "first")
+        size = action_mod.source_size(frames[0].height, frames[0].width)
+        clip = action_mod.fit_clip(clip_to_tensor(frames, *size), spec.encoded_frames, spec.canvas)
+        t1 = time.perf_counter()
+        x0 = action_mod.crop_latent(self.vae.encode_mode(clip.to(self.device, self.vae.dtype)).float(), spec)
+        clean = list(spec.clean_frames)
+        latents[:, :, clean] = x0[:, :, clean].to(latents.device)
+        return {"mode": spec.mode, "domain": spec.domain, "canvas": list(spec.canvas), "content": list(spec.content),
+                "source_frames_read": len(frames), "frames_encoded": spec.encoded_frames,
+                "clean_latent_frames": clean, "read_s": t1 - t0, "encode_s": time.perf_counter() - t1}
+
 
     def encode_clip(self, r, latents: torch.Tensor) -> dict:
         """Write the clean latent frames of a video-to-video request into `latents`; returns what it did.
@@ -96,3 +123,11 @@ class Latents:
         latents[:, :, clean] = x0[:, :, clean]
         return {"mode": "video_to_video", "source_frames_read": len(frames), "frames_encoded": r.clip_frames,
                 "clean_latent_frames": clean, "read_s": t1 - t0, "encode_s": time.perf_counter() - t1}
+
+
+def _is_image(path) -> bool:
+    try:
+        with Image.open(path):
+            return True
+    except Exception:
+        return False

@@ -19,7 +19,8 @@ class Save:
     video.mp4 was encoded during the decode by the `sink` (with the sound as its AAC track): here it only waits for
     the encoder's tail and renames the file into place. `image`: write the one frame as image.png. `frames`: none |
     uint8 | float32. With sound: sound.wav (16-bit PCM) always, and with frames=float32 sound.safetensors
-    (`waveform` [channels, samples] float32, the decoder's output exactly).
+    (`waveform` [channels, samples] float32, the decoder's output exactly). An action task that generates actions
+    (policy, inverse dynamics): actions.safetensors (`actions` [chunk_size, raw_dim] float32, the domain's channels).
     """
 
     def __init__(self, out_dir: Path, frames: str = "none", image: bool = False, sink: FrameSink | None = None):
@@ -49,6 +50,13 @@ class Save:
                     self.out_dir / "sound.safetensors",
                     lambda p: save_file({"waveform": state.waveform.contiguous()}, str(p),
                                         metadata={"sampling_rate": str(state.sampling_rate)}))
+        spec = state.request.action if state.request is not None else None
+        if spec is not None and spec.writes_actions and state.action_latents is not None:
+            actions = state.action_latents[:, : spec.raw_dim].float().cpu().contiguous()
+            state.outputs["actions"] = atomic_write(
+                self.out_dir / "actions.safetensors",
+                lambda p: save_file({"actions": actions}, str(p),
+                                    metadata={"mode": spec.mode, "domain": spec.domain}))
         state.metrics["sha256"] = state.sha256
         state.metrics["outputs"] = {k: str(v) for k, v in state.outputs.items()}
         return state

@@ -30,6 +30,8 @@ class State:
     run: UniPCRun | FlowMatchRun | None = None
     timesteps: torch.Tensor | None = None  # Timesteps: [n] (CPU): int64 (UniPC), fp32 (distilled FlowMatchEuler)
     sound_run: UniPCRun | None = None  # Timesteps (sound=true): the sound latents' run, `run`'s schedule, own history
+    action_latents: torch.Tensor | None = None  # Latents (action task), then Denoise in place: [A, action_dim] fp32
+    action_run: UniPCRun | None = None  # Timesteps (action task with noisy actions): their own run, `run`'s schedule
     waveform: torch.Tensor | None = None  # DecodeSound: [channels, samples] fp32 (CPU) in [-1, 1]
     sampling_rate: int | None = None  # DecodeSound: the waveform's samples per second
     video: torch.Tensor | None = None  # Decode: [1, 3, F, H, W] in [-1, 1]; Postprocess drops it

@@ -34,8 +34,11 @@ class TextPass:
         r = state.request
         if self.precision is not None:
             fp8.set_step_regime(self.model, self.precision, 0, r.num_inference_steps)
+        segment = {} if r.action is None else dict(
+            action_len=r.action.chunk_size, action_clean=r.action.actions_clean, action_domain=r.action.domain_id,
+            action_width=r.action.raw_dim)
         state.branches = [self.model.setup_branch(len(ids), r.latent_shape, fps=r.fps, clean_frames=r.clean_frames,
-                                                   sound_len=r.sound_len)
+                                                   sound_len=r.sound_len, **segment)
                           for ids in self._prompts(state)]
         self.fill(state)
         return state

@@ -34,5 +34,7 @@ class Timesteps:
         state.timesteps = state.run.timesteps
         if state.sound_latents is not None:
             state.sound_run = state.run.sibling(state.sound_latents.shape)
+        if state.action_latents is not None and not r.action.actions_clean:  # clean actions are never stepped
+            state.action_run = state.run.sibling(state.action_latents.shape)
         state.metrics["timesteps"] = state.timesteps.tolist()
         return state
