@@ -4,7 +4,7 @@ Loading goes header first: every shard's keys, shapes and dtypes are read (`read
 the model (`check_strict`) before any tensor data is touched, so a mismatched checkpoint fails in one message
 without loading. Then `stream_tensors` reads the data. On CPU targets the tensors stay the safetensors memory
 maps (cast only where the dtype differs). Towards a CUDA device the bytes go file → a small ring of pinned host
-buffers → device with non-blocking copies, a background thread reading the next chunk while the previous one is
+buffers → device with non-blocking copies, background threads reading the next chunks while earlier ones are
 copied, so the host never holds more than the ring (plus the tensors meant to live in host memory).
 """
 
@@ -35,9 +35,10 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
-# the pinned staging ring towards a CUDA device: _SLOTS buffers of _CHUNK_BYTES each
-_CHUNK_BYTES = 64 << 20
-_SLOTS = 4
+# the pinned staging ring towards a CUDA device: _SLOTS buffers of _CHUNK_BYTES each, filled by _READERS threads
+_CHUNK_BYTES = 32 << 20
+_SLOTS = 8
+_READERS = 4
 
 
 CheckpointError = RequestError  # the one user-error type (errors.py)
@@ -257,10 +258,13 @@ def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
 
 
 class _Stager:
-    """file → pinned ring → device. A one-thread pool runs the reader: it fills a free ring slot with the next
-    chunk (os.preadv, one large read per chunk), the caller's thread queues the slot's non-blocking copy on
-    the current CUDA stream and records an event; the reader waits for that event before it refills the slot.
-    Tensors meant for host memory are read straight into their own (unpinned) tensors by the reader."""
+    """file → pinned ring → device. `_READERS` reader threads share the work list (every ring tensor cut into
+    chunks of at most `_CHUNK_BYTES`, in file order): each takes the next chunk, waits for a free ring slot,
+    fills it with one os.preadv and hands it over; the caller's thread queues the slot's non-blocking copy into
+    the tensor's device buffer on the current CUDA stream and records an event, and the slot is refilled only
+    after that event. Several reads in flight keep a page-cache copy or a deep disk queue busy where one thread
+    would wait on each read in turn. Tensors meant for host memory are read straight into their own (unpinned)
+    tensors by a reader. The result keeps the file order of `keys`."""
 
     def __init__(self, header, keys, targets, ring: frozenset[str] | None = None):
         """`ring`: the keys that go through the ring (default: those whose target is not the CPU)."""
@@ -275,10 +279,18 @@ class _Stager:
         self.free: queue.Queue = queue.Queue()
         for i in range(len(self.slots)):
             self.free.put(i)
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for k in keys:
+            if k not in self.ring:
+                self.jobs.put((k, 0, 0))
+            else:
+                for a in range(0, header[k].nbytes, _CHUNK_BYTES):
+                    self.jobs.put((k, a, min(header[k].nbytes, a + _CHUNK_BYTES)))
+        self.readers = max(1, min(_READERS, len(self.slots) or 1))
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
 
-    # ---- reader thread
+    # ---- reader threads
     def _take_slot(self) -> int | None:
         while not self.stop.is_set():
             try:
@@ -293,34 +305,31 @@ class _Stager:
     def _read(self) -> None:
         fds: dict[Path, int] = {}
         try:
-            for k in self.keys:
-                if self.stop.is_set():
+            while not self.stop.is_set():
+                try:
+                    k, a, b = self.jobs.get_nowait()
+                except queue.Empty:
                     return
                 e = self.header[k]
-                dev, dt = self.targets[k]
                 if e.path not in fds:
-                    for fd in fds.values():  # one shard open at a time
-                        os.close(fd)
-                    fds = {e.path: os.open(e.path, os.O_RDONLY)}
+                    fds[e.path] = os.open(e.path, os.O_RDONLY)
                     if hasattr(os, "posix_fadvise"):  # read in file order: let the kernel read ahead further
                         os.posix_fadvise(fds[e.path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 fd = fds[e.path]
                 if k not in self.ring:
+                    dev, dt = self.targets[k]
                     t = torch.empty(e.shape, dtype=e.dtype)
                     if e.nbytes:
                         _pread_into(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), e.start, e.path)
                     self.ready.put(("host", k, t.to(device=dev, dtype=dt)))
                     continue
-                self.ready.put(("begin", k, None))
-                for a in range(0, e.nbytes, _CHUNK_BYTES):
-                    b = min(e.nbytes, a + _CHUNK_BYTES)
-                    i = self._take_slot()
-                    if i is None:
-                        return
-                    _pread_into(fd, memoryview(self.slots[i].numpy())[: b - a], e.start + a, e.path)
-                    self.ready.put(("chunk", k, (a, b, i)))
-                self.ready.put(("end", k, None))
+                i = self._take_slot()
+                if i is None:
+                    return
+                _pread_into(fd, memoryview(self.slots[i].numpy())[: b - a], e.start + a, e.path)
+                self.ready.put(("chunk", k, (a, b, i)))
         except BaseException as err:  # handed to the caller's thread
+            self.stop.set()
             self.ready.put(("error", None, err))
         finally:
             for fd in fds.values():
@@ -328,45 +337,59 @@ class _Stager:
             self.ready.put(("done", None, None))
 
     # ---- caller's thread
+    def _device_buffer(self, k: str) -> torch.Tensor:
+        e = self.header[k]
+        return torch.empty(e.shape, dtype=e.dtype, device=self.targets[k][0])
+
+    def _finish(self, k: str, dst: torch.Tensor) -> torch.Tensor:
+        """cast on the device only where the dtype differs"""
+        dt = self.targets[k][1]
+        return dst if dt == self.header[k].dtype else dst.to(dt)
+
     def run(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        dst = dst_bytes = None
-        with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-read") as pool:
-            reader = pool.submit(self._read)
+        for k in self.keys:  # ring tensors without bytes get no chunk
+            if k in self.ring and not self.header[k].nbytes:
+                out[k] = self._finish(k, self._device_buffer(k))
+        filling: dict[str, list] = {}  # key → [device buffer, its bytes view, bytes still to come]
+        with ThreadPoolExecutor(self.readers, thread_name_prefix="checkpoint-read") as pool:
+            readers = [pool.submit(self._read) for _ in range(self.readers)]
+            running = self.readers
             try:
-                while True:
+                while running:
                     kind, k, payload = self.ready.get()
                     if kind == "done":
-                        break
-                    if kind == "error":
+                        running -= 1
+                    elif kind == "error":
                         if isinstance(payload, CheckpointError):
                             raise payload
                         if isinstance(payload, OSError):
                             raise CheckpointError(f"cannot read {payload.filename or 'checkpoint'}: {payload}") from None
                         raise payload
-                    if kind == "host":
+                    elif kind == "host":
                         out[k] = payload
-                        continue
-                    e = self.header[k]
-                    dev, dt = self.targets[k]
-                    if kind == "begin":
-                        dst = torch.empty(e.shape, dtype=e.dtype, device=dev)
-                        dst_bytes = dst.reshape(-1).view(torch.uint8)
-                    elif kind == "chunk":
+                    else:  # a chunk of a ring tensor
                         a, b, i = payload
-                        dst_bytes[a:b].copy_(self.slots[i][: b - a], non_blocking=True)
+                        if k not in filling:
+                            dst = self._device_buffer(k)
+                            filling[k] = [dst, dst.reshape(-1).view(torch.uint8), self.header[k].nbytes]
+                        entry = filling[k]
+                        entry[1][a:b].copy_(self.slots[i][: b - a], non_blocking=True)
+                        dev = entry[0].device
                         if dev.type == "cuda":
                             ev = torch.cuda.Event()
                             ev.record(torch.cuda.current_stream(dev))
                             self.events[i] = ev
                         self.free.put(i)
-                    else:  # end: cast on the device only where the dtype differs
-                        out[k] = dst if dt == e.dtype else dst.to(dt)
-                        dst = dst_bytes = None
+                        entry[2] -= b - a
+                        if entry[2] == 0:
+                            out[k] = self._finish(k, entry[0])
+                            del filling[k]
             finally:
                 self.stop.set()
-                reader.result()
-        return out
+                for r in readers:
+                    r.result()
+        return {k: out[k] for k in self.keys}
 
 
 def load_tensors(files: list[Path], device: str | torch.device = "cpu", stats: dict | None = None) -> dict[str, torch.Tensor]:

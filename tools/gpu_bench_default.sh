@@ -28,9 +28,17 @@ for i in $(seq 1 "$RUNS"); do
   mkdir -p "$OUT/$TAG$i" && cd "$OUT/$TAG$i" || exit 1
   if [ "$SWEEP" = 1 ]; then set -- -m seed=0,1 hydra.sweep.dir=sweep; else set --; fi
   set -- "$@" ${EXTRA:-}  # EXTRA="num_frames=81": overrides added to the plain command (word-split)
+  launch=$(date +%s.%N)
   /usr/bin/time -f "$TAG$i %e s wall" python -m cosmos3_compiled.cli "$@" checkpoint="$CKPT" \
     prompt="A red fox trots through fresh snow at dawn, steam rising from its breath." > log.txt 2>&1
+  ended=$(date +%s.%N)
   tail -c 1500 log.txt | tr '\r' '\n' | tail -6
+  # launch → each video.mp4 complete (its mtime: written under a temporary name, renamed when whole), and the
+  # process exit after the last one
+  for v in $(find . -name video.mp4 | sort); do
+    python3 -c "import sys; l, m, e = map(float, sys.argv[2:]); print(f'{sys.argv[1]}: launch to video {m - l:.2f} s, then {e - m:.2f} s to exit')" \
+      "$v" "$launch" "$(stat -c %.9Y "$v")" "$ended" | tee -a timeline.txt
+  done
   cd - > /dev/null
   find "$OUT/$TAG$i" -name video.mp4 -size +1M -delete
   for f in $(find "$OUT/$TAG$i" -name metrics.json | sort); do echo "== $f"; python - "$f" <<'PY'

@@ -18,6 +18,10 @@ same random weights are drawn whole on --device, every decoder-layer linear quan
 random inputs, `quantization_config` with the shipped first/last-3 step policy in config.json and a root
 hf_quant_config.json. It needs the whole bf16 model and its quantized copy in memory (a GPU: --device cuda).
 
+With --action the transformer also gets the released config's action head (action_gen, action_dim 64, 32 embodiment
+domains); with --sound its audio head (sound_gen, sound_dim 64, 25 latent frames per second) and a sound_tokenizer/ at
+the released tokenizer's size saved by diffusers' own class (diffusers must be installed for --sound).
+
 Example: python tools/make_nano_checkpoint.py /data/cosmos3-nano-random --device cuda
          python tools/make_nano_checkpoint.py /tmp/cosmos3-nano-fp8 --device cuda --fp8
 """
@@ -32,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 STEM = "diffusion_pytorch_model"
-PRESETS = ("nano", "debug", "debug_edge")  # config.PRESETS (not imported here: --help stays fast)
+PRESETS = ("nano", "debug", "debug_edge")
+RELEASED_ACTION_DIM = 64  # the released Nano config's action_dim  # config.PRESETS (not imported here: --help stays fast)
 
 
 def shard_plan(named_shapes: list[tuple[str, tuple[int, ...], int]], shard_bytes: int) -> list[list[int]]:
@@ -152,6 +157,9 @@ def main(argv: list[str] | None = None) -> Path:
                     help="where the random numbers are drawn; the weights depend on it (default: cpu)")
     ap.add_argument("--fp8", action="store_true",
                     help="write the transformer as ModelOpt FP8 (static per-tensor scales; see above)")
+    ap.add_argument("--action", action="store_true", help="add the action head of the released config")
+    ap.add_argument("--sound", action="store_true",
+                    help="add the audio head of the released config and a released-size sound_tokenizer/ (needs diffusers)")
     args = ap.parse_args(argv)
     out: Path = args.output
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -169,7 +177,8 @@ def main(argv: list[str] | None = None) -> Path:
     from safetensors.torch import save_file  # noqa: E402
 
     from cosmos3_compiled.components import DTYPES, embedded_vae_config, init_vae_random_  # noqa: E402
-    from cosmos3_compiled.config import preset  # noqa: E402
+    from cosmos3_compiled.audio import RELEASED  # noqa: E402
+    from cosmos3_compiled.config import preset, replace  # noqa: E402
     from cosmos3_compiled.model import Cosmos3Transformer  # noqa: E402
     from cosmos3_compiled.prompting import BUILTIN_TOKENIZER_DIR  # noqa: E402
     from cosmos3_compiled.scheduler import COSMOS3_SCHEDULER_CONFIG  # noqa: E402
@@ -178,6 +187,10 @@ def main(argv: list[str] | None = None) -> Path:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("make_nano_checkpoint: --device cuda but torch sees no CUDA device")
     cfg = preset(args.preset)
+    if args.action:
+        cfg = replace(cfg, action_gen=True, action_dim=RELEASED_ACTION_DIM, num_embodiment_domains=32)
+    if args.sound:
+        cfg = replace(cfg, sound_gen=True, sound_dim=RELEASED.latent_dim, sound_latent_fps=25.0)
     dtype = DTYPES[args.dtype]
     dev = torch.device(args.device)
     t0 = time.perf_counter()
@@ -214,6 +227,12 @@ def main(argv: list[str] | None = None) -> Path:
         "transformer": ["diffusers", "Cosmos3OmniTransformer"], "vae": ["diffusers", "AutoencoderKLWan"],
         "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_tokenizer": ["transformers", "Qwen2Tokenizer"],
     }
+    if args.sound:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from make_tiny_checkpoint import write_sound_tokenizer  # noqa: E402
+
+        write_sound_tokenizer(out / "sound_tokenizer", RELEASED, seed=args.seed + 2)
+        model_index["sound_tokenizer"] = ["diffusers", "Cosmos3AVAEAudioTokenizer"]
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     seconds = time.perf_counter() - t0
     print(f"wrote {args.preset} (seed {args.seed}, {args.dtype}, drawn on {args.device}) to {out}: "
