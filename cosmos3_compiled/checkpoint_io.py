@@ -37,8 +37,8 @@ _DTYPES = {
 
 # the pinned staging ring towards a CUDA device: _SLOTS buffers of _CHUNK_BYTES each, filled by _READERS threads
 _CHUNK_BYTES = 32 << 20
-_SLOTS = 8
-_READERS = 4
+_SLOTS = 12
+_READERS = 8
 
 
 CheckpointError = RequestError  # the one user-error type (errors.py)

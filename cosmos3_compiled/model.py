@@ -303,8 +303,10 @@ class DomainAwareLinear(nn.Module):
         self.bias = nn.Embedding(domains, out_features)
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        w = self.fc.weight[domain].view(self.in_features, self.out_features)  # [in, out]
-        return x @ w + self.bias.weight[domain]  # [A, out]
+        # an embedding lookup, not `weight[domain]`: indexing with a 0-dim tensor reads its value on the host,
+        # a sync that CUDA graph capture refuses
+        w = self.fc(domain).view(self.in_features, self.out_features)  # [in, out]
+        return x @ w + self.bias(domain)  # [A, out]
 
 
 @dataclass
