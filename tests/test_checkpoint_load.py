@@ -119,6 +119,28 @@ def test_staged_reader_equals_the_memory_maps(sharded, monkeypatch):
     assert all(_same(ringed[k], mapped[k]) and _same(direct[k], mapped[k]) for k in header)
 
 
+@pytest.mark.parametrize("readers", [1, 3])
+def test_parallel_readers_equal_the_file(tmp_path, monkeypatch, readers):
+    """Several reader threads hand chunks over in any order: every tensor (one of no bytes, one of a single chunk,
+    several of many chunks spread over two files) arrives whole, cast where asked, in the file order."""
+    monkeypatch.setattr(checkpoint_io, "_CHUNK_BYTES", 256)
+    monkeypatch.setattr(checkpoint_io, "_SLOTS", 4)
+    monkeypatch.setattr(checkpoint_io, "_READERS", readers)
+    g = torch.Generator().manual_seed(0)
+    first = {"a.empty": torch.zeros(0, 5), "b.small": torch.randn(7, generator=g), "c.big": torch.randn(40, 33, generator=g)}
+    second = {"d.big": torch.randn(3, 301, generator=g).to(torch.bfloat16), "e.int": torch.arange(500)}
+    save_file(first, str(tmp_path / "m-00001-of-00002.safetensors"))
+    save_file(second, str(tmp_path / "m-00002-of-00002.safetensors"))
+    header = read_header(sorted(tmp_path.glob("*.safetensors")))
+    cpu = torch.device("cpu")
+    targets = {k: (cpu, torch.float32 if k == "d.big" else e.dtype) for k, e in header.items()}
+    got = checkpoint_io._Stager(header, list(header), targets, ring=frozenset(header)).run()
+    assert list(got) == list(header)
+    for k, t in {**first, **second}.items():
+        want = t.float() if k == "d.big" else t
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+
+
 def _trap_data_reads(monkeypatch):
     def trap(*args, **kwargs):
         raise AssertionError("tensor data was read before the checkpoint was checked")
