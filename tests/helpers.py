@@ -158,3 +158,15 @@ def setup_step_branches(model, ids):
         model.text_pass(text, b)
         branches.append(b)
     return branches
+
+
+def step_reference(ids, latents, timesteps):
+    """The single-process reference every spawned rank compares against: the seeded debug model and its
+    velocity per timestep and branch. The model is returned too, for further reference steps on it."""
+    from cosmos3_compiled.checkpoint import build_random
+    from cosmos3_compiled.config import preset
+
+    ref = build_random(preset("debug"), seed=5)
+    ref_branches = setup_step_branches(ref, ids)
+    want = {t: [ref(latents, torch.tensor(t), b) for b in ref_branches] for t in timesteps}
+    return ref, want

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (STEP_TEXT_LENS, compose_generate, setup_step_branches, spawn_ranks, step_worker_inputs,
-                     subprocess_env, torchrun)
+from helpers import (STEP_TEXT_LENS, compose_generate, setup_step_branches, spawn_ranks, step_reference,
+                     step_worker_inputs, subprocess_env, torchrun)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -80,9 +80,7 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     report = {}
     with torch.no_grad():
         # the single-process reference, computed on every rank
-        ref = build_random(preset("debug"), seed=5)
-        ref_branches = setup_step_branches(ref, ids)
-        want = {t: [ref(latents, torch.tensor(t), b) for b in ref_branches] for t in timesteps}
+        ref, want = step_reference(ids, latents, timesteps)
         combined = {t: want[t][1] + GUIDANCE * (want[t][0] - want[t][1]) for t in timesteps}
 
         # CFG parallel: one branch per rank, one all-gather, the same fp32 combine everywhere

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (compose_generate, setup_step_branches, spawn_ranks, step_worker_inputs,
+from helpers import (compose_generate, setup_step_branches, spawn_ranks, step_reference, step_worker_inputs,
                      torchrun)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -80,9 +80,7 @@ def _step_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     ids, latents, timesteps = step_worker_inputs(rank, world, port)
     report = {}
     with torch.no_grad():
-        ref = build_random(preset("debug"), seed=5)
-        ref_branches = setup_step_branches(ref, ids)
-        want = {t: [ref(latents, torch.tensor(t), b) for b in ref_branches] for t in timesteps}
+        ref, want = step_reference(ids, latents, timesteps)
         whole = _video_numel(ref)
 
         # shard alone (2 replicas): every rank runs both branches; eager, then each layer compiled fullgraph
