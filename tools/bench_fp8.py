@@ -60,7 +60,7 @@ def main() -> None:
     from cosmos3_compiled.config import preset
     from cosmos3_compiled.model import fused_qk_rope_supported
     from cosmos3_compiled.schema import CompileConfig
-    from timing import time_back_to_back
+    from timing import graph_or_eager, time_back_to_back
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -125,16 +125,11 @@ def main() -> None:
             model.text_pass(ids, branch)
             graphs_before = compile_counters()["unique_graphs"]
             t0 = time.perf_counter()
-            graph = None
+            graph = static_out = None
             if cuda and not args.eager:
                 graph, static_out = capture_cuda_graph(lambda: model(latents, ts, branch))
-
-                def call():
-                    graph.replay()
-                    return static_out
-            else:
-                def call():
-                    return model(latents, ts, branch)
+            call = graph_or_eager(graph, static_out, lambda: model(latents, ts, branch))
+            if graph is None:
                 call()
             sync()
             compile_s = time.perf_counter() - t0

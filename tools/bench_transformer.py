@@ -26,7 +26,7 @@ from cosmos3_compiled.checkpoint import build_random  # noqa: E402
 from cosmos3_compiled.compile import apply_compile, capture_cuda_graph, compile_counters, reset_compile  # noqa: E402
 from cosmos3_compiled.config import preset, replace  # noqa: E402
 from cosmos3_compiled.schema import CompileConfig  # noqa: E402
-from timing import gpu_kernels, profiled_back_to_back, time_back_to_back, time_calls  # noqa: E402
+from timing import gpu_kernels, graph_or_eager, profiled_back_to_back, time_back_to_back, time_calls  # noqa: E402
 
 CEILINGS = {"matmul_tflops": 770.0, "sdpa_cudnn_tflops": 636.0}
 
@@ -180,7 +180,7 @@ def main() -> None:
                 branch = model.setup_branch(args.text_len, latent, fps=args.fps)
                 model.text_pass(ids, branch)
             compile_s = 0.0
-            graph = None
+            graph = static_out = None
             per_call_branches = 1
             if mode == "cudagraph_batched":  # both CFG branches (uncond prompt 25 tokens shorter) as one batch
                 recompile(model, "default", "blocks")
@@ -208,13 +208,7 @@ def main() -> None:
                 model(latents, ts, branch)
                 sync()
                 compile_s = time.perf_counter() - t0
-            if graph is not None:
-                def call():
-                    graph.replay()
-                    return static_out
-            else:
-                def call():
-                    return model(latents, ts, branch)
+            call = graph_or_eager(graph, static_out, lambda: model(latents, ts, branch))
             times = cuda_time(call, args.warmup, args.iters)
             # the same calls queued back to back (no sync in between), as the denoise loop runs its steps
             back_to_back = statistics.median(time_back_to_back(call, 2, args.iters, dev)) / per_call_branches

@@ -8,6 +8,18 @@ import time
 import torch
 
 
+def graph_or_eager(graph, static_out, fn):
+    """The benchmarked step as a no-argument call: replay `graph` (a captured CUDA graph) and return its static
+    output tensor, or, when nothing was captured (`graph` None: eager, compiled, or a CPU run), call `fn`."""
+    if graph is None:
+        return fn
+
+    def call():
+        graph.replay()
+        return static_out
+    return call
+
+
 def time_calls(fn, warmup: int, iters: int, device: torch.device | str = "cuda") -> list[float]:
     """Seconds per call of `fn` for `iters` calls after `warmup` untimed ones."""
     for _ in range(warmup):
