@@ -101,18 +101,23 @@ def test_action_step_captures_in_cuda_graph_and_replay_equals_eager():
     def fresh():
         latents, action = latents0.clone(), action0.clone()
         step, unipc, branches = _step(model, latents, action, clean=False, domain=2, device=dev)
-        step.timestep.fill_(float(unipc.timesteps[0]))
-        unipc.load_(0)
-        return step, latents, action
+        return step, unipc, latents, action
+
+    def at(step, unipc, i):  # what the denoise loop sets before step i
+        step.timestep.fill_(float(unipc.timesteps[i]))
+        unipc.load_(i)
 
     with torch.no_grad():
-        step, latents, action = fresh()
-        start = (latents.clone(), action.clone())
-        graph, _ = capture_cuda_graph(step)  # runs the step once for real on a side stream, then captures
-        latents.copy_(start[0]); action.copy_(start[1])
+        # as CudaGraphRunner: step 0 runs for real inside capture_cuda_graph, step 1 is the first replay
+        step, unipc, latents, action = fresh()
+        at(step, unipc, 0)
+        graph, _ = capture_cuda_graph(step)
+        at(step, unipc, 1)
         graph.replay()
         torch.cuda.synchronize()
-        eager, e_latents, e_action = fresh()
-        eager()
+        eager, e_unipc, e_latents, e_action = fresh()
+        for i in range(2):
+            at(eager, e_unipc, i)
+            eager()
     assert (latents - e_latents).abs().max() <= 1e-4 and (action - e_action).abs().max() <= 1e-4
-    assert (action - start[1]).abs().max() > 1e-3
+    assert (action - action0).abs().max() > 1e-3
