@@ -286,7 +286,7 @@ class _Stager:
             else:
                 for a in range(0, header[k].nbytes, _CHUNK_BYTES):
                     self.jobs.put((k, a, min(header[k].nbytes, a + _CHUNK_BYTES)))
-        self.readers = max(1, min(_READERS, len(self.slots) or 1))
+        self.readers = min(_READERS, len(self.slots)) or 1  # host-only reads: one reader
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
 

@@ -191,6 +191,25 @@ def test_key_in_two_shards_fails_before_any_data_is_read(broken, monkeypatch):
         load_transformer(broken, dtype=torch.float32)
 
 
+def test_writer_adds_the_action_and_sound_heads(tmp_path, monkeypatch):
+    """--action / --sound: the transformer config carries the heads (the sound head sized by the tokenizer config,
+    here the tiny one in place of the released 473 M-parameter decoder to keep the test light), the weights load
+    strictly with them, and the sound tokenizer written beside them reads back as that config."""
+    from cosmos3_compiled import audio
+
+    monkeypatch.setattr(audio, "RELEASED", audio.TINY)
+    out = tmp_path / "ckpt"
+    make_nano_checkpoint.main([str(out), "--preset", "debug", "--dtype", "float32", "--action", "--sound"])
+    cfg = json.loads((out / "transformer" / "config.json").read_text())
+    assert (cfg["action_gen"], cfg["action_dim"], cfg["num_embodiment_domains"]) == (True, 64, 32)
+    assert (cfg["sound_gen"], cfg["sound_dim"], cfg["sound_latent_fps"]) == (True, audio.TINY.latent_dim, 25.0)
+    model = load_transformer(out / "transformer", dtype=torch.float32)
+    assert model.action_proj_in.fc.weight.shape[0] == 32
+    assert model.audio_proj_in.weight.shape[1] == audio.TINY.latent_dim
+    assert audio.read_audio_config(out / "sound_tokenizer") == audio.TINY
+    assert "sound_tokenizer" in json.loads((out / "model_index.json").read_text())
+
+
 def test_writer_refuses_a_non_empty_folder(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

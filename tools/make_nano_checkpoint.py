@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 STEM = "diffusion_pytorch_model"
-PRESETS = ("nano", "debug", "debug_edge")
-RELEASED_ACTION_DIM = 64  # the released Nano config's action_dim  # config.PRESETS (not imported here: --help stays fast)
+PRESETS = ("nano", "debug", "debug_edge")  # config.PRESETS (not imported here: --help stays fast)
+RELEASED_ACTION_DIM = 64  # the released Nano config's action_dim
 
 
 def shard_plan(named_shapes: list[tuple[str, tuple[int, ...], int]], shard_bytes: int) -> list[list[int]]:
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.action:
         cfg = replace(cfg, action_gen=True, action_dim=RELEASED_ACTION_DIM, num_embodiment_domains=32)
     if args.sound:
-        cfg = replace(cfg, sound_gen=True, sound_dim=RELEASED.latent_dim, sound_latent_fps=25.0)
+        cfg = replace(cfg, sound_gen=True, sound_dim=RELEASED.latent_dim,
+                      sound_latent_fps=RELEASED.sampling_rate / RELEASED.hop)
     dtype = DTYPES[args.dtype]
     dev = torch.device(args.device)
     t0 = time.perf_counter()
