@@ -76,7 +76,10 @@ def fail(message: str, code: int, wait_for_rank0: bool = True) -> NoReturn:
     which could kill rank 0 before its line), then exits with the same code, its line only in the log file
     (`error: rank N: ...`). A rank whose error rank 0 did not report in time prints its own, naming its rank."""
     line = f"error: {message}"
-    _tell_torchrun(line if world_size() <= 1 or is_writer() else f"error: rank {rank()}: {message}")
+    if world_size() <= 1 or is_writer():
+        _tell_torchrun(line)
+    else:  # dated after its wait for rank 0, so torchrun names rank 0's line as the root cause when it has one
+        _tell_torchrun(f"error: rank {rank()}: {message}", delay_s=RANK0_WAIT_S if wait_for_rank0 else 0.0)
     if world_size() <= 1:
         print(line, file=sys.stderr)
         log_to_file(line)
@@ -92,14 +95,18 @@ def fail(message: str, code: int, wait_for_rank0: bool = True) -> NoReturn:
     raise SystemExit(code) from None
 
 
-def _tell_torchrun(line: str) -> None:
+def _tell_torchrun(line: str, delay_s: float = 0.0) -> None:
     """Under torchrun, `line` as this rank's error file: torchrun's failure summary then names it as the root
-    cause instead of a pointer to its docs (its own traceback above the summary is not ours to remove)."""
+    cause instead of a pointer to its docs (its own traceback above the summary is not ours to remove).
+
+    torchrun's root cause is the failure with the earliest timestamp (whole seconds). The file is written at
+    once, so that it exists even if the launcher stops this process a moment later, but its timestamp is
+    `delay_s` ahead: a rank that first waits for rank 0 is dated after rank 0's own line."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     try:
-        Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time() + delay_s)}))
     except OSError:  # the launcher's folder gone: the line is still printed
         pass
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,24 @@ def test_other_ranks_print_only_what_rank0_did_not(monkeypatch, capsys, publishe
     with pytest.raises(SystemExit) as info:
         cli.fail("bad height", 2)
     assert info.value.code == 2 and capsys.readouterr().err == printed
+
+
+def test_another_ranks_error_file_is_dated_after_rank0s(monkeypatch, tmp_path):
+    """torchrun names the earliest-dated error file as the root cause: a rank that waits for rank 0 must never
+    be dated before rank 0's line, even when it reached the error first."""
+    files = {0: tmp_path / "0.json", 1: tmp_path / "1.json"}
+    monkeypatch.setattr(cli, "world_size", lambda: 2)
+    monkeypatch.setattr(cli, "rendezvous_store", lambda: _Store("error: bad height"))
+    monkeypatch.setattr(cli, "_publish_error", lambda line: None)
+    for r in (1, 0):  # rank 1 first
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(files[r]))
+        monkeypatch.setattr(cli, "is_writer", lambda r=r: r == 0)
+        monkeypatch.setattr(cli, "rank", lambda r=r: r)
+        with pytest.raises(SystemExit):
+            cli.fail("bad height", 2)
+    data = {r: json.loads(f.read_text()) for r, f in files.items()}
+    assert data[0]["message"] == "error: bad height" and data[1]["message"] == "error: rank 1: bad height"
+    assert data[1]["timestamp"] > data[0]["timestamp"]
 
 
 @pytest.mark.distributed
