@@ -31,6 +31,8 @@ FREE_TEXT = ("prompt", "negative_prompt")
 FAILED = "failed.txt"  # in a sweep job's directory: the one-line reason it failed
 ERROR_KEY = "cosmos3/error"  # in the job's rendezvous store: the error line global rank 0 printed
 RANK0_WAIT_S = 10.0  # how long another rank waits for rank 0's error line before printing its own
+DONE_KEY = "cosmos3/error_ranks_done"  # counts the other ranks that have logged (and, if need be, printed) theirs
+OTHERS_WAIT_S = 5.0  # how long rank 0 waits for them before it exits (its exit makes torchrun stop them)
 
 
 class SweepSummary(Callback):
@@ -74,7 +76,8 @@ def fail(message: str, code: int, wait_for_rank0: bool = True) -> NoReturn:
     Under several processes (torchrun) every rank usually meets the same error, and it shows once: global rank
     0 prints it; every other rank waits until rank 0 has (torchrun stops the other ranks as soon as one exits,
     which could kill rank 0 before its line), then exits with the same code, its line only in the log file
-    (`error: rank N: ...`). A rank whose error rank 0 did not report in time prints its own, naming its rank."""
+    (`error: rank N: ...`). A rank whose error rank 0 did not report in time prints its own, naming its rank.
+    Rank 0 exits only once the others have done so (or after `OTHERS_WAIT_S`), since its exit ends them."""
     line = f"error: {message}"
     if world_size() <= 1 or is_writer():
         _tell_torchrun(line)
@@ -87,11 +90,14 @@ def fail(message: str, code: int, wait_for_rank0: bool = True) -> NoReturn:
         print(line, file=sys.stderr, flush=True)
         log_to_file(line)
         _publish_error(line)
+        if wait_for_rank0:
+            _wait_for_other_ranks()
     else:
         mine = f"error: rank {rank()}: {message}"
-        if not (wait_for_rank0 and _rank0_reported(line)):
-            print(mine, file=sys.stderr)
         log_to_file(mine)
+        if not (wait_for_rank0 and _rank0_reported(line)):
+            print(mine, file=sys.stderr, flush=True)
+        _count_done()
     raise SystemExit(code) from None
 
 
@@ -115,6 +121,24 @@ def _publish_error(line: str) -> None:
     try:
         rendezvous_store().set(ERROR_KEY, line)
     except Exception:  # the store's own failure must not hide the error just printed
+        pass
+
+
+def _count_done() -> None:
+    try:
+        rendezvous_store().add(DONE_KEY, 1)
+    except Exception:  # no store: rank 0 stops waiting at its deadline
+        pass
+
+
+def _wait_for_other_ranks() -> None:
+    """Until every other rank has counted itself done (`_count_done`), at most `OTHERS_WAIT_S`."""
+    deadline = time.monotonic() + OTHERS_WAIT_S
+    try:
+        store = rendezvous_store()
+        while store.add(DONE_KEY, 0) < world_size() - 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except Exception:  # the store is gone: nothing left to wait for
         pass
 
 
@@ -154,9 +178,37 @@ def run_dir_overrides(argv: list[str]) -> list[str]:
     return argv
 
 
-def main() -> None:
-    """Console script. Under torchrun every rank runs the Hydra app; they first agree on rank 0's run
-    directory (see `distributed.agree_run_dir`), so all ranks share one output folder."""
+def main() -> NoReturn:
+    """Console script (and `python -m cosmos3_compiled.cli`): `run`, then the process ends at once with its exit
+    status (`exit_now`)."""
+    try:
+        run()
+        code = 0
+    except SystemExit as end:
+        code = end.code
+    exit_now(code)
+
+
+def exit_now(code) -> NoReturn:
+    """End the process with `code` (a `SystemExit` code) once stdout, stderr and the log files are flushed,
+    skipping the interpreter's teardown: every output is already complete on disk, the process group is torn
+    down, and unwinding torch (its modules, CUDA context, compile workers) only delays the shell's prompt."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): Python prints it and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def run() -> None:
+    """The Hydra app on this process's arguments. Under torchrun every rank runs it; they first agree on rank 0's
+    run directory (see `distributed.agree_run_dir`), so all ranks share one output folder."""
     argv = quote_free_text(sys.argv[1:])
     if any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") or a.startswith("--shell-completion") for a in argv):
         sys.argv = [sys.argv[0], *argv]  # nothing is run: no run directory

@@ -53,7 +53,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "generate", interrupted)
     monkeypatch.setattr(sys, "argv", ["cosmos3-generate", f"output.dir={tmp_path / 'out'}"])
     with pytest.raises(SystemExit) as info:
-        cli.main()
+        cli.run()
     assert info.value.code == 130
     assert capsys.readouterr().err.strip() == "error: interrupted"
 
@@ -196,3 +196,17 @@ def test_a_request_error_under_torchrun_is_one_line(tmp_path):
     line = printed[0]
     log = (out / "cli.log").read_text()  # output.dir is the run directory under torchrun too
     assert log.count(line[line.index("error:"):]) == 1 and "error: rank 1: height" in log, log
+
+
+@pytest.mark.parametrize("code,rc,err", [(None, 0, ""), (3, 3, ""), ("stopped: why", 1, "stopped: why\n")])
+def test_the_fast_exit_flushes_everything_first(tmp_path, code, rc, err):
+    """`cli.exit_now` skips the interpreter's teardown: what was printed (stdout a pipe, so buffered) and logged
+    must still be out, and the exit status is the one `SystemExit` would give."""
+    script = (f"import logging, sys; from cosmos3_compiled.cli import exit_now\n"
+              f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
+              f"logging.getLogger('x').info('last line'); print('buffered', end='')\n"
+              f"exit_now({code!r})")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (rc, "buffered", err)
+    assert "last line" in (tmp_path / "log.txt").read_text()
