@@ -331,6 +331,23 @@ def _compiled_decode(vae, latent, backend):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
+def test_units_compiled_for_a_short_clip_serve_a_longer_one(folder, channels_last):
+    """A unit's input is its own tensor per latent frame, so its guards do not depend on the clip length: the
+    graphs of a 3-frame decode serve a 6-frame one (what the decode warm-up during the denoise loop relies on)."""
+    vae = load_vae(folder, with_encoder=False, channels_last_3d=channels_last)
+    counter = CompileCounter()
+    try:
+        apply_compile_vae(vae, "default", backend=counter)
+        vae.decode_frames(_latent(3, 2, 3, seed=30))
+        graphs = counter.frame_count
+        with torch.compiler.set_stance("fail_on_recompile"):
+            vae.decode_frames(_latent(6, 2, 3, seed=31))
+    finally:
+        reset_compile_vae(vae)
+    assert graphs >= 3 and counter.frame_count == graphs
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
 def test_chunk_body_traces_fullgraph_without_recompiles(folder, channels_last):
     """fullgraph tracing + guard stability of the chunk functions (no codegen, so it stays fast)."""
     vae = load_vae(folder, with_encoder=False, channels_last_3d=channels_last)

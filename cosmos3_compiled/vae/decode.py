@@ -212,7 +212,7 @@ class WanVAE(nn.Module):
         rows = None if self.rows is None else self._row_block(h)
         hist: list[Tensor] = []
         for i in progress(range(t), desc=progress_desc, total=t):
-            xi = x[:, :, i : i + 1]
+            xi = self._frame(x, i)
             if i == 0:
                 y, hist = self.decoder_first_chunk(xi)
                 emit(y, i)
@@ -230,6 +230,12 @@ class WanVAE(nn.Module):
                 emit(y, i, j)
             del feats, src
         return out
+
+    def _frame(self, x: Tensor, i: int) -> Tensor:
+        """Latent frame i of x [B, C, T, h, w] as its own tensor in the decoder's layout: a unit's input strides
+        then do not depend on T, so the compiled units of one frame size serve every clip length (a slice's
+        strides would be guarded on and recompile per length)."""
+        return x[:, :, i : i + 1].clone(memory_format=self.memory_format)
 
     def _row_block(self, h: int) -> tuple[int, int, Strip]:
         """This rank's block for a latent of h rows: (tail-input rows per rank, of the whole frame, its `Strip`
@@ -267,7 +273,7 @@ class WanVAE(nn.Module):
         stem = None
         hist: list[Tensor] | None = None
         for i in range(t):
-            y, hist = self.decoder_stem(x[:, :, i : i + 1], hist)
+            y, hist = self.decoder_stem(self._frame(x, i), hist)
             if stem is None:
                 shape = (b, y.shape[1], t, h, w)
                 stem = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=self.memory_format)
@@ -277,7 +283,7 @@ class WanVAE(nn.Module):
         k = dec.head_histories - dec.stem_histories
         for n in progress(range(len(tiles) * t), desc=progress_desc, total=len(tiles) * t):
             tile, i = tiles[n // t], n % t
-            xi = stem[:, :, i : i + 1, :, tile.src[0] : tile.src[1]]
+            xi = self._frame(stem[:, :, :, :, tile.src[0] : tile.src[1]], i)
             if i == 0:
                 hist = None  # the previous strip's histories go before this strip allocates its own
                 y, hist = self.decoder_first_tile(xi, tile.crops)
