@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -221,6 +224,62 @@ def reset_compile_vae(vae) -> None:
         vae.__dict__.pop(name, None)
 
 
+# step modes whose runner never compiles past its warm-up and sets no global dynamo stance, so another thread
+# may compile meanwhile (SteadyStateRunner's fail-on-recompile stance is process-wide)
+BACKGROUND_SAFE_MODES = ("eager", "cudagraph")
+WARMUP_LATENT_FRAMES = 3  # the first chunk and two later frames: every unit and history shape the decode meets
+
+
+class DecodeWarmup:
+    """Compiles the VAE's decode units on a background thread while the denoise loop runs, by decoding a few
+    latent frames of zeros of the request's size: the request's decode then finds its graphs compiled (or loaded
+    from the compile cache) instead of compiling them itself. The host is idle during the loop (CUDA-graph
+    replays are enqueued ahead of the GPU), and the warm-up's kernels share the current stream, queued between
+    the steps'. Start it only after the step's last CUDA-graph capture (another thread's kernels would break a
+    capture) and only with a step mode in `BACKGROUND_SAFE_MODES`.
+
+    `join()` waits for it and returns its record for metrics.json: its seconds, the graphs it compiled (which
+    are not the step's recompiles) and the wait; a failure is logged and recorded, never raised: the decode
+    then compiles as it would have."""
+
+    def __init__(self, vae, latent_shape: tuple[int, ...]):
+        b, z, t, h, w = latent_shape
+        self.vae, self.shape = vae, (b, z, min(t, WARMUP_LATENT_FRAMES), h, w)
+        self.thread: threading.Thread | None = None
+        self.record: dict = {}
+        self.graphs = 0
+
+    def start(self, after_step: int) -> None:
+        self.record["started_after_step"] = after_step
+        self.thread = threading.Thread(target=self._run, name="cosmos3-decode-warmup", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0, before = time.perf_counter(), compile_counters()["unique_graphs"]
+        try:
+            dev = self.vae.device
+            with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+                z = torch.zeros(self.shape, dtype=self.vae.dtype, device=dev)
+                self.vae.decode_frames(z, progress_desc=None)
+                if dev.type == "cuda":
+                    torch.cuda.current_stream(dev).synchronize()
+        except Exception as err:  # the decode compiles for itself then; say why it could not be done ahead
+            self.record["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            log.warning("decode warm-up failed (the decode compiles its units itself): %s", self.record["error"])
+        self.graphs = compile_counters()["unique_graphs"] - before
+        self.record.update(seconds=time.perf_counter() - t0, graphs=self.graphs)
+
+    def join(self) -> dict:
+        """Wait for the warm-up (no-op if it never started); its metrics record."""
+        if self.thread is None:
+            self.record["started_after_step"] = None
+            return self.record
+        t0 = time.perf_counter()
+        self.thread.join()
+        self.record["waited_s"] = time.perf_counter() - t0
+        return self.record
+
+
 def make_step_runner(mode, step, warmup: int, pools: list | None = None):
     """The denoise loop's per-step call: our whole-step CUDA graph, the steady-state guard, or the step itself."""
     mode = _mode(mode)
@@ -348,9 +407,10 @@ class CompilePlan:
         """Call after the job's last warm-up step: graphs compiled from here on are recompiles."""
         self._at_warm = compile_counters()["unique_graphs"]
 
-    def steady_recompiles(self) -> int | None:
-        """Graphs compiled since `warmed_up` (None when the job never got past warm-up)."""
-        return None if self._at_warm is None else compile_counters()["unique_graphs"] - self._at_warm
+    def steady_recompiles(self, elsewhere: int = 0) -> int | None:
+        """Graphs compiled since `warmed_up` (None when the job never got past warm-up), less `elsewhere`: those
+        a `DecodeWarmup` compiled meanwhile for the decode."""
+        return None if self._at_warm is None else compile_counters()["unique_graphs"] - self._at_warm - elsewhere
 
     def finish_job(self, recompiles: int, save_cache: bool = True) -> dict:
         """This job's compile counters (metrics.json `compile`). When it compiled something new, the process

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .compile import DecodeWarmup
 from .distributed import Parallel, init_parallel, is_writer, teardown
 from .errors import RequestError
 from .frame_sink import FrameSink, write_metrics
@@ -67,6 +68,8 @@ def build_stages(cfg: DictConfig, job: Job, models: Models, par: Parallel | None
     whole_sequence = par is None or par.ulysses is None
     writes = par is None or par.is_writer
     text_pass = TextPass(transformer, only_branch=par.cfg_rank if split_cfg else None, precision=job.precision)
+    t, h, w = request.latent_shape  # compile.vae_warmup: request.prepare allows it on one process only
+    warmup = DecodeWarmup(vae, (1, vae.cfg.z_dim, t, h, w)) if cfg.compile.vae_warmup else None
     stages = [
         ("tokenize", Tokenize(models.tokenizer)),
         ("text_pass", text_pass),
@@ -75,7 +78,7 @@ def build_stages(cfg: DictConfig, job: Job, models: Models, par: Parallel | None
         ("denoise", Denoise(transformer, models.plan, warmup_steps=cfg.compile.warmup_steps,
                             cfg_gather=par.gather_cfg if split_cfg else None,
                             batch_cfg=cfg.model.batch_cfg and not split_cfg and whole_sequence,
-                            precision=job.precision, refill_text=text_pass.fill)),
+                            precision=job.precision, refill_text=text_pass.fill, decode_warmup=warmup)),
     ]
     if writes and request.sound_len:  # before the VAE: the frame sink muxes the waveform into video.mp4
         stages.append(("decode_sound", DecodeSound(models.audio)))

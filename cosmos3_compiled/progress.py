@@ -20,9 +20,10 @@ def set_progress_enabled(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-    """Wrap `iterable` in a tqdm bar when enabled and on global rank 0; a plain iterator otherwise."""
-    if not _enabled or rank() != 0:
+def progress(iterable: Iterable[T], desc: str | None, total: int | None = None) -> Iterator[T]:
+    """Wrap `iterable` in a tqdm bar when enabled and on global rank 0; a plain iterator otherwise, and for
+    `desc=None` (work nobody waits on, such as a background warm-up)."""
+    if desc is None or not _enabled or rank() != 0:
         yield from iterable
         return
     yield from tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)

@@ -24,6 +24,7 @@ from . import action as action_mod
 from . import attention, sharding
 from .audio import AAC_SAMPLE_RATES
 from .components import DTYPES, CheckpointSpec, read_checkpoint
+from .compile import BACKGROUND_SAFE_MODES
 from .config import TransformerConfig, preset
 from .defaults import REFERENCE_SIZE, machine_defaults, request_defaults, sampler_defaults
 from .errors import RequestError
@@ -227,6 +228,8 @@ def check_settings(cfg: DictConfig, model: TransformerConfig) -> Settings:
     if mode in ("cudagraph", "reduce_overhead", "max_autotune") and device.type != "cuda":
         raise RequestError(f"compile={mode} uses CUDA graphs: it needs device=cuda")
     sharding.check_compile(value(cfg.parallel.shard), mode, value(cfg.compile.scope))
+    if cfg.compile.vae_warmup:
+        _check_vae_warmup(cfg, mode)
     backend = str(cfg.model.attention_backend)
     attention.check_backend(backend, device, dtype)
     if cfg.compile.pin_text_tower and not (cfg.compile.offload_text_tower and device.type == "cuda"):
@@ -243,6 +246,18 @@ def check_settings(cfg: DictConfig, model: TransformerConfig) -> Settings:
     if not 0 <= cfg.output.crf <= 51:
         raise RequestError(f"output.crf={cfg.output.crf}: H.264 takes 0 (lossless) to 51")
     return Settings(device, dtype, vae_dtype, backend, fused, tiles)
+
+
+def _check_vae_warmup(cfg: DictConfig, mode: str) -> None:
+    if value(cfg.compile.vae) == "eager":
+        raise RequestError("compile.vae_warmup=true warms the compiled decode: it needs compile.vae=default (or "
+                           "another compiled mode), not eager")
+    if mode not in BACKGROUND_SAFE_MODES:
+        raise RequestError(f"compile.vae_warmup=true needs compile=cudagraph or compile=eager: compile={mode}'s "
+                           "steady-state guard would take the warm-up's graphs for recompiles")
+    par = cfg.parallel
+    if par.cfg or par.ulysses > 1 or value(par.shard) != "none" or par.vae_rows:
+        raise RequestError("compile.vae_warmup=true runs on one process: use parallel=none")
 
 
 def check_output_dir(out_dir: Path) -> None:

@@ -4,11 +4,15 @@ are refused up front without a GPU."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import compose_generate
 from safetensors.torch import load_file
+from torch._dynamo.testing import CompileCounter
 
+from cosmos3_compiled import compile as compile_mod
 from cosmos3_compiled.pipeline import RequestError, generate
 
 SMALL = ["height=32", "width=48", "num_frames=5", "sampler.num_inference_steps=4", "output.frames=float32",
@@ -44,6 +48,42 @@ def test_compiled_vae_matches_eager_decode(eager_frames, tmp_path):
     frames = load_file(str(tmp_path / "frames.safetensors"))["frames"]
     assert state.metrics["compile"]["unique_graphs"] >= 1  # the decode units really were compiled
     assert (frames - eager_frames).abs().max().item() < 1e-4
+
+
+def test_decode_warmup_compiles_the_decode_during_the_denoise_loop(eager_frames, tmp_path, monkeypatch):
+    """compile.vae_warmup=true: the decode units compile on a background thread after the first step, so the
+    decode itself compiles nothing, the step is not charged with the warm-up's graphs, and the frames are
+    the eager ones. (The units compile with dynamo's eager backend here, so it stays quick on the CPU.)"""
+    counter = CompileCounter()
+    monkeypatch.setattr(compile_mod, "apply_compile_vae",
+                        functools.partial(compile_mod.apply_compile_vae, backend=counter))
+    started = []  # the VAE graphs compiled when the warm-up starts: none, the decode has not run yet
+    start = compile_mod.DecodeWarmup.start
+
+    def counted_start(self, after_step):
+        started.append(counter.frame_count)
+        start(self, after_step)
+
+    monkeypatch.setattr(compile_mod.DecodeWarmup, "start", counted_start)
+    state = generate(compose_generate(SMALL + ["compile=eager", "compile.vae=default", "compile.vae_warmup=true"]),
+                     tmp_path)
+    m = state.metrics
+    warm = m["decode_warmup"]
+    assert warm["started_after_step"] == 0 and "error" not in warm and started == [0]
+    assert warm["graphs"] >= 3 and counter.frame_count == warm["graphs"]  # the decode compiled nothing more
+    assert m["steps"]["recompiles_after_warmup"] == 0
+    frames = load_file(str(tmp_path / "frames.safetensors"))["frames"]
+    assert torch.equal(frames, eager_frames)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["compile.vae=eager"], "needs compile.vae=default"),
+    (["compile=default", "compile.vae=default"], "needs compile=cudagraph or compile=eager"),
+    (["compile.vae=default", "parallel=cfg"], "runs on one process"),
+])
+def test_decode_warmup_is_refused_where_it_cannot_help_or_run(overrides, match, tmp_path):
+    with pytest.raises(RequestError, match=match):
+        generate(compose_generate(SMALL + ["compile.vae_warmup=true", *overrides]), tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["cudagraph", "reduce_overhead", "max_autotune"])

@@ -9,7 +9,7 @@ import time
 import torch
 
 from cosmos3_compiled import fp8
-from cosmos3_compiled.compile import CompilePlan
+from cosmos3_compiled.compile import CompilePlan, DecodeWarmup
 from cosmos3_compiled.model import Branch, Cosmos3Transformer
 from cosmos3_compiled.progress import progress
 from cosmos3_compiled.scheduler import FlowMatchRun, UniPCRun
@@ -95,13 +95,18 @@ class Denoise:
     before the step; each regime is its own runner (compiled graphs, CUDA graph) of the same step. Wherever the
     FP8 modes change, `refill_text(state)` (the TextPass stage's `fill`) recomputes the text K/V in place, as the
     reference's text path runs in the step's regime. Writes metrics["steps"]["regimes"] and ["text_pass_steps"].
+
+    `decode_warmup` (compile.vae_warmup): a `compile.DecodeWarmup`, started once every regime is past its warm-up
+    (the last CUDA-graph capture done) and joined after the last step; writes metrics["decode_warmup"].
     """
 
     def __init__(self, transformer: Cosmos3Transformer, plan: CompilePlan, warmup_steps: int = 1, cfg_gather=None,
-                 batch_cfg: bool = False, precision: fp8.Fp8Policy | None = None, refill_text=None):
+                 batch_cfg: bool = False, precision: fp8.Fp8Policy | None = None, refill_text=None,
+                 decode_warmup: DecodeWarmup | None = None):
         self.model, self.plan, self.warmup = transformer, plan, warmup_steps
         self.cfg_gather, self.batch_cfg = cfg_gather, batch_cfg
         self.precision, self.refill_text = precision, refill_text
+        self.decode_warmup = decode_warmup
 
     @torch.no_grad()
     def __call__(self, state: State) -> State:
@@ -124,24 +129,34 @@ class Denoise:
         runner = plan.step_runner(step, self.warmup, regimes)
         timer = StepTimer(state.latents.device)
         text_steps = []
-        for i in progress(range(n), desc="denoise", total=n):
-            if policy is not None and fp8.apply_step_regime(self.model, policy, i, n):
-                self.refill_text(state)  # the text tower's FP8 linears changed regime: its K/V with them
-                text_steps.append(i)
-            step.timestep.copy_(timesteps[i])  # host → device, no sync on the device side
-            run.load_(i)
-            with timer:
-                runner(i)
-            if i == runner.warm_step:
-                plan.warmed_up()
+        warm = self.decode_warmup
+        try:
+            for i in progress(range(n), desc="denoise", total=n):
+                if policy is not None and fp8.apply_step_regime(self.model, policy, i, n):
+                    self.refill_text(state)  # the text tower's FP8 linears changed regime: its K/V with them
+                    text_steps.append(i)
+                step.timestep.copy_(timesteps[i])  # host → device, no sync on the device side
+                run.load_(i)
+                with timer:
+                    runner(i)
+                if i == runner.warm_step:
+                    plan.warmed_up()
+                    if warm is not None:
+                        warm.start(after_step=i)
+        except Exception:
+            if warm is not None:  # bounded (a few frames): let it finish before the models are dropped
+                warm.join()
+            raise
         state.metrics["steps"] = timer.summary()
+        if warm is not None:
+            state.metrics["decode_warmup"] = warm.join()
         if policy is not None:
             state.metrics["precision"] = policy.describe()
             state.metrics["steps"]["regimes"] = policy.schedule(n)
             state.metrics["steps"]["text_pass_steps"] = [0, *text_steps] if 0 not in text_steps else text_steps
             state.metrics["steps"]["steady_median_s_by_regime"] = regime_medians(state.metrics["steps"]["all_s"],
                                                                                  policy.schedule(n))
-        recompiles = plan.steady_recompiles()
+        recompiles = plan.steady_recompiles(elsewhere=warm.graphs if warm is not None else 0)
         if recompiles is not None:
             state.metrics["steps"]["recompiles_after_warmup"] = recompiles
         state.branches = []  # the K/V buffers are not needed past the last step: free them before decode

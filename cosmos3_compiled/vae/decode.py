@@ -159,7 +159,7 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def decode_frames(
-        self, z: Tensor, *, out: Tensor | None = None, progress_desc: str = "decode",
+        self, z: Tensor, *, out: Tensor | None = None, progress_desc: str | None = "decode",
         on_frames: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Normalised latent [B, z, T, h, w] → video [B, 3, 1 + 4(T-1), 16h, 16w] in [-1, 1].
@@ -170,7 +170,7 @@ class WanVAE(nn.Module):
         `on_frames(f0, f1)`, called on this thread, says output frames [f0, f1) have all their work enqueued
         (on the current stream) and will not be written again, so a consumer can start on them (see
         `postprocess.FrameStream`): every frame once, in order; column strips finish frames only with the
-        last strip, so they report them all at the end.
+        last strip, so they report them all at the end. `progress_desc=None`: no progress bar.
         """
         self._check_latent(z)
         if self.tiles > 1 and self.rows is not None:
