@@ -484,8 +484,6 @@ def check_action(cfg: DictConfig, request: Request, checkpoint: CheckpointSpec |
                            f"projections, but the checkpoint has {model.num_embodiment_domains}")
     if isinstance(scheduler, FlowMatchEulerScheduler):
         raise RequestError(f"action.mode={mode} is not supported with a distilled checkpoint's fixed-step sampler")
-    if cfg.sound:
-        raise RequestError(f"sound=true with action.mode={mode} is not supported yet: drop one")
     par = cfg.parallel
     if par.cfg or par.ulysses > 1 or value(par.shard) != "none" or par.vae_rows:
         raise RequestError(f"action.mode={mode} runs on one process for now: use parallel=none")
@@ -530,8 +528,8 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
                                   guidance_scale=float(cfg.sampler.guidance_scale))
     check_sampler(request, scheduler.fixed_steps)
     precision = check_precision(cfg, checkpoint, request.num_inference_steps)
+    request = check_action(cfg, request, checkpoint, scheduler)  # first: an action task sets the clip length
     request = dataclasses.replace(request, sound_len=check_sound(cfg, request, checkpoint, scheduler))
-    request = check_action(cfg, request, checkpoint, scheduler)
     if request.action is not None:  # the size the action task chose, in place of request_defaults' guesses
         cfg = _with_size(cfg, request, auto)
     model = preset(cfg.model.name) if checkpoint is None else checkpoint.transformer

@@ -97,7 +97,8 @@ def test_pad_actions_repeats_last_and_zero_pads():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_reference_checkpoint(tmp_path_factory.mktemp("action_ckpt"), action_dim=ACTION_DIM, seed=3)
+    # sound-capable too: joint sound with an action task is one more parametrization of the same tasks
+    return make_reference_checkpoint(tmp_path_factory.mktemp("action_ckpt"), action_dim=ACTION_DIM, seed=3, sound=True)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,11 @@ def sources(tmp_path_factory):
     return root, clip, actions
 
 
-@pytest.mark.parametrize("mode", ["forward_dynamics", "policy", "inverse_dynamics"])
-def test_action_task_matches_reference(mode, checkpoint, reference, sources, tmp_path):
+@pytest.mark.parametrize("mode,sound", [("forward_dynamics", False), ("policy", False), ("inverse_dynamics", False),
+                                        ("policy", True), ("forward_dynamics", True)])
+def test_action_task_matches_reference(mode, sound, checkpoint, reference, sources, tmp_path):
+    """Frames, actions and (with sound=true: the token order text | vision | sound | action, three schedulers)
+    the waveform, against the reference on the same seed."""
     root, clip, actions = sources
     fps, guidance, steps, seed = 16.0, 4.0, 3, 7
     cond = dict(image=Image.open(root / "first.png").convert("RGB")) if mode != "inverse_dynamics" else dict(
@@ -131,7 +135,7 @@ def test_action_task_matches_reference(mode, checkpoint, reference, sources, tmp
         ref = reference(prompt=PROMPT, negative_prompt=NEGATIVE, action=condition, fps=fps,
                         num_inference_steps=steps, guidance_scale=guidance,
                         generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-                        enable_safety_check=False)
+                        enable_safety_check=False, enable_sound=sound)
     source = f"image={root / 'first.png'}" if mode != "inverse_dynamics" else f"video={root / 'clip'}"
     overrides = [f"checkpoint={checkpoint}", f"prompt='{PROMPT}'", f"negative_prompt='{NEGATIVE}'", source,
                  f"fps={fps}", f"seed={seed}", f"sampler.num_inference_steps={steps}",
@@ -140,6 +144,8 @@ def test_action_task_matches_reference(mode, checkpoint, reference, sources, tmp
                  "output.progress=false", "output.video=false"]
     if mode == "forward_dynamics":
         overrides.append(f"action.actions={root / 'actions.safetensors'}")
+    if sound:
+        overrides.append("sound=true")
     state = generate(compose_generate(overrides), tmp_path)
     frames = load_file(str(state.outputs["frames"]))["frames"].numpy()
     frames_ref = np.asarray(ref.video, dtype=np.float32).reshape(frames.shape)
@@ -156,6 +162,14 @@ def test_action_task_matches_reference(mode, checkpoint, reference, sources, tmp
         msg += f", actions max abs {action_err:.3g}"
         assert action_err <= 1e-4 and want.std() > 0.05
         assert (state.action_latents[:, act.RAW_DIMS[DOMAIN]:] == 0).all()
+    if sound:
+        waveform = load_file(str(state.outputs["waveform"]))["waveform"]
+        want = ref.sound.float().reshape(waveform.shape)  # [C, N]: 5 frames at 16 fps of the tokenizer's rate
+        sound_err = (waveform - want).abs().max().item()
+        msg += f", waveform max abs {sound_err:.3g}"
+        assert sound_err <= 1e-4 and want.std() > 0.01
+    else:
+        assert ref.sound is None and "waveform" not in state.outputs
     print(msg)
     assert frame_err <= 1e-4 and frames_ref.std() > 0.02
 

@@ -17,26 +17,29 @@ from cosmos3_compiled.stages.denoise import DenoiseStep
 ACTION_DIM, CHUNK, WIDTH = 8, 3, 5
 LATENT_SHAPE = (2, 3, 4)
 STEPS = 4
+SOUND_DIM, SOUND_LEN = 8, 3
 
 
 def _cfg():
-    return replace(preset("debug"), action_gen=True, action_dim=ACTION_DIM, num_embodiment_domains=4)
+    return replace(preset("debug"), action_gen=True, action_dim=ACTION_DIM, num_embodiment_domains=4, sound_gen=True,
+                   sound_dim=SOUND_DIM)
 
 
 def _inputs(device="cpu"):
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 48, *LATENT_SHAPE, generator=gen).to(device)
     action = torch.randn(CHUNK, ACTION_DIM, generator=gen).to(device)
-    return latents, action
+    sound = torch.randn(SOUND_DIM, SOUND_LEN, generator=gen).to(device)
+    return latents, action, sound
 
 
-def _step(model, latents, action, clean: bool, domain: int, device="cpu"):
+def _step(model, latents, action, clean: bool, domain: int, device="cpu", sound=None):
     """Both CFG branches (different text lengths) with an action segment; a policy step (noisy actions, own UniPC run)
-    or a forward-dynamics one (clean actions, never stepped)."""
+    or a forward-dynamics one (clean actions, never stepped); `sound`: a sound segment before the actions."""
     branches = []
     for n in (11, 7):
         b = model.setup_branch(n, LATENT_SHAPE, fps=16.0, action_len=CHUNK, action_clean=clean, action_domain=domain,
-                               action_width=WIDTH)
+                               action_width=WIDTH, sound_len=0 if sound is None else SOUND_LEN)
         model.text_pass((torch.arange(n) % 1000).to(device), b)
         branches.append(b)
     scheduler = FlowUniPCScheduler.from_config(COSMOS3_SCHEDULER_CONFIG)
@@ -44,16 +47,17 @@ def _step(model, latents, action, clean: bool, domain: int, device="cpu"):
     action.mul_(branches[0].action_channels)
     step = DenoiseStep(model, unipc, branches, latents, 4.0, action=action,
                        action_run=None if clean else unipc.sibling(action.shape),
-                       action_channels=branches[0].action_channels)
+                       action_channels=branches[0].action_channels, sound=sound,
+                       sound_run=None if sound is None else unipc.sibling(sound.shape))
     return step, unipc, branches
 
 
-def _rollout(clean: bool, compiled: bool, domains=(1, 2)):
+def _rollout(clean: bool, compiled: bool, domains=(1, 2), with_sound: bool = False):
     """STEPS steps per domain; between domains only the branches' 0-dim domain tensors change (fill_)."""
     model = build_random(_cfg(), seed=4)
-    latents0, action0 = _inputs()
-    latents, action = latents0.clone(), action0.clone()
-    step, unipc, branches = _step(model, latents, action, clean, domains[0])
+    latents0, action0, sound0 = _inputs()
+    latents, action, sound = latents0.clone(), action0.clone(), sound0.clone()
+    step, unipc, branches = _step(model, latents, action, clean, domains[0], sound=sound if with_sound else None)
     call = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager") if compiled else step
     outs = []
     with torch.no_grad():
@@ -61,6 +65,7 @@ def _rollout(clean: bool, compiled: bool, domains=(1, 2)):
             for b in branches:
                 b.action_domain.fill_(d)
             latents.copy_(latents0)
+            sound.copy_(sound0)
             action.copy_(action0 * branches[0].action_channels)
             for i, t in enumerate(unipc.timesteps.tolist()):
                 step.timestep.fill_(float(t))
@@ -70,21 +75,23 @@ def _rollout(clean: bool, compiled: bool, domains=(1, 2)):
                         call()
                 else:
                     call()
-            outs.append((latents.clone(), action.clone()))
+            outs.append((latents.clone(), action.clone(), sound.clone()))
     return outs
 
 
-@pytest.mark.parametrize("mode", ["policy", "forward_dynamics"])
-def test_action_step_fullgraph_no_recompiles_across_steps_and_domains(mode):
+@pytest.mark.parametrize("mode,with_sound", [("policy", False), ("forward_dynamics", False), ("policy", True)])
+def test_action_step_fullgraph_no_recompiles_across_steps_and_domains(mode, with_sound):
     clean = mode == "forward_dynamics"
     before = compile_counters()
-    compiled = _rollout(clean, compiled=True)
+    compiled = _rollout(clean, compiled=True, with_sound=with_sound)
     after = compile_counters()
     assert after["graph_breaks"] == before["graph_breaks"]
     assert after["unique_graphs"] - before["unique_graphs"] == 1  # one graph for all steps and both domains
-    eager = _rollout(clean, compiled=False)
-    for (lc, ac), (le, ae) in zip(compiled, eager):
-        assert (lc - le).abs().max() <= 1e-4 and (ac - ae).abs().max() <= 1e-4
+    eager = _rollout(clean, compiled=False, with_sound=with_sound)
+    for (lc, ac, sc), (le, ae, se) in zip(compiled, eager):
+        assert (lc - le).abs().max() <= 1e-4 and (ac - ae).abs().max() <= 1e-4 and (sc - se).abs().max() <= 1e-4
+    if with_sound:  # the sound segment was stepped (by its own run) alongside the actions
+        assert (compiled[0][2] - _inputs()[2]).abs().max() > 1e-3
     # the domain really is read by the compiled step (a domain baked into the graph would give domain 1's result)
     assert (compiled[0][0] - compiled[1][0]).abs().max() > 1e-3
     if not clean:
@@ -96,7 +103,7 @@ def test_action_step_fullgraph_no_recompiles_across_steps_and_domains(mode):
 def test_action_step_captures_in_cuda_graph_and_replay_equals_eager():
     dev = "cuda"
     model = build_random(_cfg(), seed=4).to(dev)
-    latents0, action0 = _inputs(dev)
+    latents0, action0, _ = _inputs(dev)
 
     def fresh():
         latents, action = latents0.clone(), action0.clone()
