@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import offload
 from .attention import check_backend
+from .audio import AudioConfig, AudioDecoder
 from .checkpoint_io import read_header, weight_files
 from .config import TransformerConfig
 from .errors import RequestError
@@ -136,6 +137,21 @@ def decode_bytes(decoder_dim: int, request, dtype: torch.dtype, tiles: int = 1) 
     return frames + math.ceil(chunk / tiles)
 
 
+def audio_bytes(cfg: AudioConfig, sound_len: int, dtype: torch.dtype) -> int:
+    """An upper estimate of what joint sound holds on the GPU: the audio decoder's weights (counted on the meta
+    device) plus, for its decode, a few feature maps of its widest stage over `sound_len` latent frames."""
+    with torch.device("meta"):
+        decoder = AudioDecoder(cfg)
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = sum(p.numel() for p in decoder.parameters()) * size
+    samples, widest = sound_len, 0  # the blocks upsample as they narrow: the largest map is channels × samples
+    mults, ups = (1, *cfg.channel_mults), tuple(reversed(cfg.strides))
+    for i, stride in enumerate(ups):
+        samples *= stride
+        widest = max(widest, cfg.channels * mults[len(ups) - i - 1] * samples)
+    return weights + 4 * widest * size
+
+
 def _free_cuda_bytes(device: torch.device) -> int:
     """Bytes this process can have on `device`: what the driver reports free plus what this process's caching
     allocator already holds (the models a sweep keeps resident, their graphs, cached blocks). The budget is the
@@ -218,8 +234,10 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
 
     budget = None  # (video-tower, text-tower, request, free) bytes: computed once, when a choice needs it
     if cuda and (cfg.compile.offload_text_tower is None or cfg.model.vae_tiles is None):
-        budget = (*parameter_bytes(model_cfg, dtype), request_bytes(model_cfg, request, dtype),
-                  _free_cuda_bytes(device))
+        req = request_bytes(model_cfg, request, dtype)
+        if request.sound_len and checkpoint is not None and checkpoint.sound is not None:
+            req += audio_bytes(checkpoint.sound, request.sound_len, dtype)  # the audio decoder, in the model dtype
+        budget = (*parameter_bytes(model_cfg, dtype), req, _free_cuda_bytes(device))
 
     if cfg.compile.offload_text_tower is None:
         if not cuda:

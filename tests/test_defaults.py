@@ -4,6 +4,7 @@ each choice is recorded with its reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cosmos3_compiled import defaults
+from cosmos3_compiled.audio import AudioConfig
 from cosmos3_compiled.components import read_checkpoint, write_checkpoint
 from cosmos3_compiled.config import preset
 from cosmos3_compiled.pipeline import generate
@@ -123,6 +125,23 @@ def test_nano_offloads_the_text_tower_and_strips_the_decode_only_when_short_of_m
     assert cfg.compile.offload_text_tower is True and cfg.compile.pin_text_tower is True
     assert "> 90%" in auto["compile.offload_text_tower"]
     assert cfg.model.vae_tiles > 1, auto["model.vae_tiles"]
+
+
+def test_with_sound_the_budget_counts_the_audio_decoder(fake_gpu, tiny_bf16):
+    """Joint sound keeps the audio decoder (and its decode) on the GPU beside the model: a card with room for the
+    request without it, but not with it, offloads the text tower only when sound is on."""
+    cfg, _ = defaults.request_defaults(compose_generate([f"checkpoint={tiny_bf16}"]))
+    spec = dataclasses.replace(read_checkpoint(tiny_bf16), sound=AudioConfig())  # the released decoder's shape
+    silent = build_request(cfg)
+    loud = dataclasses.replace(silent, sound_len=AudioConfig().latent_len(silent.num_frames, silent.fps))
+    weights = sum(defaults.parameter_bytes(spec.transformer, torch.bfloat16))
+    need = weights + defaults.request_bytes(spec.transformer, silent, torch.bfloat16)
+    audio = defaults.audio_bytes(spec.sound, loud.sound_len, torch.bfloat16)
+    assert audio > 2**30  # the released decoder: about 0.5 B parameters
+    fake_gpu.free = (need + audio / 2) / 0.9
+    for request, offload in ((silent, False), (loud, True)):
+        out, auto = defaults.machine_defaults(cfg, spec, request, spec.transformer)
+        assert out.compile.offload_text_tower is offload, auto["compile.offload_text_tower"]
 
 
 def test_the_memory_budget_counts_what_this_process_already_holds(monkeypatch):
