@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import compose_generate
+from helpers import compose_generate, torchrun
 from PIL import Image
 from reference import load_reference_pipeline, make_reference_checkpoint
 from safetensors.torch import load_file, save_file
@@ -172,6 +172,33 @@ def test_action_task_matches_reference(mode, sound, checkpoint, reference, sourc
         assert ref.sound is None and "waveform" not in state.outputs
     print(msg)
     assert frame_err <= 1e-4 and frames_ref.std() > 0.02
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_cfg_parallel_policy_with_sound_matches_one_process(checkpoint, sources, tmp_path):
+    """parallel=cfg on two CPU ranks, a policy rollout with sound: the (vision, sound, action) velocities of each
+    rank's branch travel in one gather; frames, waveform and actions are the single process's, bit for bit."""
+    root, _, _ = sources
+    args = [f"checkpoint={checkpoint}", f"prompt={PROMPT}", f"negative_prompt={NEGATIVE}", f"image={root / 'first.png'}",
+            "fps=16.0", "seed=7", "sampler.num_inference_steps=3", "sampler.guidance_scale=4.0", "action.mode=policy",
+            f"action.domain={DOMAIN}", f"action.chunk_size={CHUNK}", f"action.resolution_tier={TIER}", "sound=true",
+            "output.frames=float32", "output.progress=false", "output.video=false"]
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers run
+    try:  # in process, Hydra's grammar applies: quote the free text
+        generate(compose_generate([f"{a.split('=', 1)[0]}='{a.split('=', 1)[1]}'" if a.startswith(
+            ("prompt=", "negative_prompt=")) else a for a in args]), one)
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    two.mkdir()
+    proc = torchrun(2, ["parallel=cfg", "parallel.backend=gloo", f"output.dir={two / 'out'}", *args], two)
+    assert proc.returncode == 0, proc.report()
+    for name, key in (("frames.safetensors", "frames"), ("sound.safetensors", "waveform"),
+                      ("actions.safetensors", "actions")):
+        assert torch.equal(load_file(str(two / "out" / name))[key], load_file(str(one / name))[key]), name
 
 
 # ---- one-line refusals before any load -------------------------------------------------------------------

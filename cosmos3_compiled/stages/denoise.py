@@ -61,7 +61,7 @@ class DenoiseStep:
         else:
             cond = self.model(self.latents, self.timestep, self.branches[0], **extra)
             if self.cfg_gather is not None:
-                cond, uncond = self.cfg_gather(cond)
+                cond, uncond = self.gather(cond)
             elif len(self.branches) > 1:
                 uncond = self.model(self.latents, self.timestep, self.branches[1], **extra)
         if self.sound is None and self.action is None:
@@ -75,6 +75,15 @@ class DenoiseStep:
             self.action_run.step_(self.guide(cond[i], None if uncond is None else uncond[i]), self.action)
             self.action.mul_(self.action_channels)
         return self.run.step_(self.guide(cond[0], None if uncond is None else uncond[0]), self.latents)
+
+    def gather(self, cond):
+        """CFG parallelism: this rank's velocity (a tensor, or one per token segment: vision, sound?, action?) →
+        (cond, uncond) of the same structure, in one collective (the segments travel as one flat row)."""
+        if isinstance(cond, torch.Tensor):
+            return self.cfg_gather(cond)
+        sizes = [c.numel() for c in cond]
+        both = self.cfg_gather(torch.cat([c.reshape(1, -1) for c in cond], dim=1))  # ([1, N], [1, N])
+        return tuple(tuple(x.view(c.shape) for x, c in zip(row.split(sizes, dim=1), cond)) for row in both)
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         """The CFG combine in fp32, `uncond + g·(cond − uncond)`; the cond velocity alone without CFG."""
