@@ -222,6 +222,17 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
         chosen["compile.vae"] = f"{_value(cfg.compile.vae)}: " + (
             "compiled decode on CUDA" if compiles else f"compile.mode={_value(cfg.compile.mode)} on {device.type}")
 
+    if cfg.compile.vae_warmup is None:
+        par = cfg.parallel
+        one_process = not (par.cfg or par.ulysses > 1 or _value(par.shard) != "none" or par.vae_rows)
+        mode, vae = _value(cfg.compile.mode), _value(cfg.compile.vae)
+        cfg.compile.vae_warmup = cuda and mode == "cudagraph" and vae != "eager" and one_process
+        chosen["compile.vae_warmup"] = f"{cfg.compile.vae_warmup}: " + (
+            "the compiled decode warms up on a background thread during the CUDA-graph denoise loop"
+            if cfg.compile.vae_warmup else
+            "on the CPU" if not cuda else f"compile.mode={mode}" if mode != "cudagraph" else
+            "compile.vae=eager" if vae == "eager" else "several processes")
+
     if cfg.model.attention_backend == "auto":
         if cuda and dtype in (torch.float16, torch.bfloat16):
             why_not = fa4_usable(device, dtype)

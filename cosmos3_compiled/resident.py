@@ -86,12 +86,13 @@ def add_audio(models: Models, job: Job) -> None:
 def resident_key(cfg: DictConfig, job: Job) -> str:
     """Everything that decides what `load_models` builds; the request itself (prompt, seed, size, steps,
     guidance, its conditioning: models loaded without the VAE encoder gain it in place, `add_encoder`),
-    compile.warmup_steps and the outputs are not part of it."""
+    compile.warmup_steps, compile.vae_warmup and the outputs are not part of it."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True).items()
              if k not in ("height", "width", "num_frames")}  # request defaults only
     checkpoint = None if job.checkpoint is None else str(job.checkpoint.folder)
     compile_cfg = OmegaConf.to_container(cfg.compile, resolve=True, enum_to_str=True)
     compile_cfg.pop("warmup_steps")  # read by the denoise stage per job
+    compile_cfg.pop("vae_warmup")  # likewise: when the compiled decode warms up, not what is compiled
     return json.dumps({
         "checkpoint": checkpoint, "model": model, "device": value(cfg.device), "dtype": value(cfg.dtype),
         "compile": compile_cfg,

@@ -104,7 +104,7 @@ class CompileConfig:
     cache_dir: Optional[str] = "auto"
     offload_text_tower: Optional[bool] = None
     pin_text_tower: Optional[bool] = None
-    vae_warmup: bool = False  # compile the VAE's decode units on a background thread during the denoise loop
+    vae_warmup: Optional[bool] = None  # the decode units compiled on a background thread during the denoise loop
 
 
 class PrecisionPolicy(str, Enum):

@@ -76,6 +76,23 @@ def test_decode_warmup_compiles_the_decode_during_the_denoise_loop(eager_frames,
     assert torch.equal(frames, eager_frames)
 
 
+@pytest.mark.gpu
+def test_cuda_decode_warmup_beside_the_cuda_graph_loop(tmp_path):
+    """The product path on a GPU: the warm-up's kernels run while the whole-step CUDA graph replays; the decode
+    then compiles nothing and the frames are those of the same compiled decode run without a warm-up."""
+    base = SMALL + ["device=cuda", "dtype=bfloat16", "compile=cudagraph", "compile.vae=default", "keep_loaded=false"]
+    frames = {}
+    for on in (False, True):
+        out = tmp_path / str(on)
+        state = generate(compose_generate(base + [f"compile.vae_warmup={on}"]), out)
+        frames[on] = load_file(str(out / "frames.safetensors"))["frames"]
+        torch.compiler.reset()  # the second run compiles its decode again, on the warm-up's thread
+    warm = state.metrics["decode_warmup"]
+    assert "error" not in warm and warm["graphs"] >= 3 and warm["started_after_step"] == 0
+    assert state.metrics["steps"]["recompiles_after_warmup"] == 0
+    assert (frames[True] - frames[False]).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["compile.vae=eager"], "needs compile.vae=default"),
     (["compile=default", "compile.vae=default"], "needs compile=cudagraph or compile=eager"),

@@ -47,9 +47,11 @@ def test_embedded_default_stays_tiny_on_the_cpu(tmp_path):
     assert job.settings.attention_backend == "sdpa" and job.settings.vae_tiles == 1
     assert cfg.compile.offload_text_tower is False and cfg.compile.cache_dir is None and r.use_system_prompt
     for key in ("height", "device", "dtype", "compile.mode", "compile.vae", "model.attention_backend",
-                "compile.offload_text_tower", "model.vae_tiles", "compile.cache_dir", "sampler.use_system_prompt"):
+                "compile.offload_text_tower", "model.vae_tiles", "compile.cache_dir", "sampler.use_system_prompt",
+                "compile.vae_warmup"):
         assert key in job.auto and ": " in job.auto[key], key
     assert job.auto["device"].startswith("cpu: the embedded default")
+    assert cfg.compile.vae_warmup is False and job.auto["compile.vae_warmup"] == "False: on the CPU"
 
 
 def test_a_checkpoint_gets_the_reference_request(tmp_path, tiny_bf16):
@@ -108,6 +110,17 @@ def test_on_cuda_a_checkpoint_takes_the_fast_path(fake_gpu, tiny_bf16):
     assert cfg.model.attention_backend == "cudnn" and "flash-attn-4" in auto["model.attention_backend"]
     assert cfg.compile.offload_text_tower is False and cfg.model.vae_tiles == 1
     assert "the checkpoint's weights (bfloat16)" in auto["dtype"]
+    assert cfg.compile.vae_warmup is True and "background thread" in auto["compile.vae_warmup"]
+
+
+@pytest.mark.parametrize("overrides,why", [
+    (["compile=default"], "compile.mode=default"), (["compile.vae=eager"], "compile.vae=eager"),
+    (["parallel.cfg=true"], "several processes"), (["compile.vae_warmup=false"], None),
+])
+def test_the_decode_warms_up_during_the_loop_only_where_it_can(fake_gpu, tiny_bf16, overrides, why):
+    cfg, auto = _resolve([f"checkpoint={tiny_bf16}", *overrides], tiny_bf16)
+    assert cfg.compile.vae_warmup is False
+    assert (why is None and "compile.vae_warmup" not in auto) or auto["compile.vae_warmup"] == f"False: {why}"
 
 
 def test_on_cuda_the_embedded_default_stays_on_the_cpu(fake_gpu):
