@@ -28,7 +28,10 @@ recompile once both were warmed up; a CUDA-graph step runner keeps one captured 
 
 Fusion (`fuse_fp8`): q|k|v and gate|up with different weight scales are fused with one scale per output slice.
 W8A16 dequantises with a per-row scale (elementwise the same products as the separate linears, one GEMM); W8A8
-runs one `_scaled_mm` when the slices share their scales, else one per slice (the outputs concatenated).
+runs one `_scaled_mm` when the slices share their scales; when they share only the input scale (the usual case:
+q|k|v and gate|up read the same input, so calibration gives them the same one) one quantisation of the input and
+one `_scaled_mm` with row-wise scales (the input scale for every token, each output row its slice's weight scale);
+else one per slice (the outputs concatenated).
 """
 
 from __future__ import annotations
@@ -72,11 +75,15 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
 def scaled_mm(x8: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """x8 [M, K] @ w8 [N, K]ᵀ · scale_a · scale_b (+ bias), both scales 0-dim fp32. `torch._scaled_mm` on CUDA;
-    elsewhere its exact emulation: fp8 products are exact in fp32, accumulated in fp32, scaled, bias added in
-    fp32, one rounding to `out_dtype`."""
+    """x8 [M, K] @ w8 [N, K]ᵀ · scale_a · scale_b (+ bias); scale_a 0-dim fp32, scale_b 0-dim or one per output
+    row [N] (row-wise scaling, without bias). `torch._scaled_mm` on CUDA; elsewhere its exact emulation: fp8
+    products are exact in fp32, accumulated in fp32, scaled, bias added in fp32, one rounding to `out_dtype`."""
     if x8.is_cuda:
         dev = x8.device  # an offloaded text tower's scales stay in host memory
+        if scale_b.dim() == 1:  # row-wise: _scaled_mm takes [M, 1] and [1, N] scales
+            return torch._scaled_mm(x8, w8.t(), scale_a=scale_a.to(dev).reshape(1, 1).expand(x8.shape[0], 1).contiguous(),
+                                    scale_b=scale_b.to(dev).reshape(1, -1), out_dtype=out_dtype,
+                                    use_fast_accum=FAST_ACCUM)
         return torch._scaled_mm(x8, w8.t(), scale_a=scale_a.to(dev).reshape(()), scale_b=scale_b.to(dev).reshape(()), bias=bias,
                                 out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
     acc = (x8.float() @ w8.float().t()) * (scale_a.float() * scale_b.float())
@@ -141,7 +148,8 @@ class Fp8Linear(nn.Module):
         whether W8A8 can run as one scaled GEMM (every slice with the same weight and input scale)."""
         ws = self.weight_scale.detach().reshape(-1)
         xs = ws if self.input_scale is None else self.input_scale.detach().reshape(-1)
-        self.uniform = bool((ws == ws[0]).all()) and bool((xs == xs[0]).all())
+        self.shared_input = bool((xs == xs[0]).all())
+        self.uniform = bool((ws == ws[0]).all()) and self.shared_input
         rows = ws[:1].reshape(()) if self.uniform else torch.repeat_interleave(
             ws, torch.tensor(self.slices, device=ws.device))
         self.register_buffer("row_scale", rows.clone(), persistent=False)
@@ -159,6 +167,8 @@ class Fp8Linear(nn.Module):
         ws, xs = self.weight_scale.reshape(-1), self.input_scale.reshape(-1)
         if self.uniform:
             out = scaled_mm(quantize_input(x2, xs[0]), self.weight, xs[0], ws[0], self.bias, x.dtype)
+        elif self.shared_input and self.bias is None:  # one quantised input, row-wise weight scales
+            out = scaled_mm(quantize_input(x2, xs[0]), self.weight, xs[0], self.row_scale, None, x.dtype)
         else:
             outs, start = [], 0
             for i, n in enumerate(self.slices):

@@ -165,6 +165,36 @@ def test_w8a8_arithmetic_equals_independent_computation():
         assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
 
 
+def test_fused_w8a8_with_one_input_scale_is_one_rowwise_gemm(monkeypatch):
+    """q|k|v (gate|up) read the same input, so their calibrated input scales agree while their weight scales do
+    not: the fused linear quantises the input once and runs one row-wise-scaled GEMM, equal to the separate
+    linears and to torch's own row-wise `_scaled_mm` (it has a CPU kernel) on the same operands."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 64, generator=gen, dtype=torch.bfloat16)
+    xs = torch.tensor(x.float().abs().max().item() / 448)
+    parts = []
+    for rows in (16, 8, 8):
+        p = fp8.Fp8Linear(64, rows, False)
+        p.weight.data, p.weight_scale.data = fp8.quantize_weight(torch.randn(rows, 64, generator=gen) * rows)
+        p.input_scale.data = xs.clone()
+        p.setup_buffers()
+        parts.append(p)
+    fused = fp8.Fp8Linear.concat(parts)
+    assert fused.shared_input and not fused.uniform
+    calls = []
+    real = fp8.scaled_mm
+    monkeypatch.setattr(fp8, "scaled_mm", lambda *a: calls.append(a[3].shape) or real(*a))
+    got = fused(x)
+    assert calls == [(32,)]  # one GEMM, one weight scale per output row
+    monkeypatch.setattr(fp8, "scaled_mm", real)
+    assert torch.equal(got, torch.cat([p(x) for p in parts], dim=-1))
+    x8 = fp8.quantize_input(x.reshape(-1, 64), xs)
+    ref = torch._scaled_mm(x8, fused.weight.t(), scale_a=xs.reshape(1, 1).expand(15, 1).contiguous(),
+                           scale_b=fused.row_scale.reshape(1, -1), out_dtype=torch.bfloat16)
+    # the same products and scales; an element may round one bf16 step the other way (its fp32 epilogue order)
+    assert ((got.reshape(-1, 32).float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs()).all()
+
+
 POLICY_CASES = {
     "shipped": (fp8.default_quantization_config(), {}),
     "distilled (no policy)": (fp8.default_quantization_config(step_policy=False), {}),

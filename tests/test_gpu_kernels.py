@@ -111,3 +111,25 @@ def test_offloaded_text_pass_streams_the_same_keys_and_values():
     assert same_text_kv(want, got)
     text_params = offload.text_params(offloaded)
     assert text_params and all(p.device.type == "cpu" and p.is_pinned() for p in text_params)
+
+
+def test_fp8_rowwise_fused_linear_matches_the_separate_linears_on_cuda():
+    """The W8A8 q|k|v-style fusion with one input scale runs one row-wise `_scaled_mm` on the GPU; its outputs
+    are the separate per-tensor GEMMs' to one bf16 rounding step, inside a fullgraph compile too."""
+    from cosmos3_compiled import fp8
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    xs = (x.float().abs().max() / 448).cpu()
+    parts = []
+    for rows in (128, 64, 64):
+        p = fp8.Fp8Linear(256, rows, False, device="cuda")
+        w8, ws = fp8.quantize_weight(torch.randn(rows, 256, device="cuda") * rows)
+        p.weight.data, p.weight_scale.data, p.input_scale.data = w8, ws, xs.cuda()
+        p.setup_buffers()
+        parts.append(p)
+    fused = fp8.Fp8Linear.concat(parts)
+    assert fused.shared_input and not fused.uniform
+    want = torch.cat([p(x) for p in parts], dim=-1).float()
+    for got in (fused(x), torch.compile(fused, fullgraph=True)(x)):
+        assert ((got.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
