@@ -49,6 +49,7 @@ print({k: round(v, 2) for k, v in s.items()})
 print("auto:", json.dumps(m.get("auto"), indent=1))
 print("read:", m.get("transformer_read"), "peak GiB:", m.get("peak_memory_gib"), "compile:", m.get("compile"))
 print("steps:", {k: v for k, v in st.items() if not isinstance(v, list)})
+print("decode_warmup:", m.get("decode_warmup"))
 PY
   done
 done
