@@ -352,9 +352,6 @@ def check_sound(cfg: DictConfig, request: Request, checkpoint: CheckpointSpec | 
         raise RequestError("sound=true needs a video (num_frames > 1); num_frames=1 is text-to-image")
     if isinstance(scheduler, FlowMatchEulerScheduler):
         raise RequestError("sound=true is not supported with a distilled checkpoint's fixed-step sampler")
-    par = cfg.parallel
-    if value(par.shard) != "none":
-        raise RequestError("sound=true does not run with sharded weights yet: use parallel.shard=none")
     if cfg.output.video and (audio.audio_channels not in (1, 2) or audio.sampling_rate not in AAC_SAMPLE_RATES):
         raise RequestError(f"sound=true: a {audio.audio_channels}-channel waveform at {audio.sampling_rate} Hz "
                            "cannot be muxed into video.mp4 as AAC (1 or 2 channels at a standard AAC rate); "
@@ -484,9 +481,6 @@ def check_action(cfg: DictConfig, request: Request, checkpoint: CheckpointSpec |
                            f"projections, but the checkpoint has {model.num_embodiment_domains}")
     if isinstance(scheduler, FlowMatchEulerScheduler):
         raise RequestError(f"action.mode={mode} is not supported with a distilled checkpoint's fixed-step sampler")
-    par = cfg.parallel
-    if value(par.shard) != "none":
-        raise RequestError(f"action.mode={mode} does not run with sharded weights yet: use parallel.shard=none")
     actions = None
     if mode == "forward_dynamics":
         actions = read_actions(Path(str(node.actions)).expanduser(), raw, domain)

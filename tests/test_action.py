@@ -176,12 +176,14 @@ def test_action_task_matches_reference(mode, sound, checkpoint, reference, sourc
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel=cfg"], ["parallel=ulysses", "parallel.vae_rows=true"]])
+@pytest.mark.parametrize("layout", [["parallel=cfg"], ["parallel=ulysses", "parallel.vae_rows=true"],
+                                    ["parallel=cfg", "parallel.shard=fsdp"]])
 def test_parallel_policy_with_sound_matches_one_process(layout, checkpoint, sources, tmp_path):
     """Two CPU ranks, a policy rollout with sound. parallel=cfg: the (vision, sound, action) velocities of each
     rank's branch travel in one gather; frames, waveform and actions are the single process's, bit for bit.
     parallel=ulysses (and the decode split by rows): the sound and action tokens are sharded with the vision
-    tokens; equal to fp32 rounding."""
+    tokens; with FSDP-sharded weights, the action and audio heads are all-gathered with the rest; both equal to
+    fp32 rounding."""
     root, _, _ = sources
     args = [f"checkpoint={checkpoint}", f"prompt={PROMPT}", f"negative_prompt={NEGATIVE}", f"image={root / 'first.png'}",
             "fps=16.0", "seed=7", "sampler.num_inference_steps=3", "sampler.guidance_scale=4.0", "action.mode=policy",
@@ -232,7 +234,6 @@ def test_refusals(checkpoint, sources, tmp_path):
         ([img, "action.mode=policy", f"action.domain={DOMAIN}", "action.chunk_size=4"], "embedded"),
         (base + ["action.mode=policy", f"action.domain={DOMAIN}", "action.chunk_size=6"], "multiple of 4"),
         (base + ["action.domain=av"], "action.mode is null"),
-        (base + ["action.mode=policy", f"action.domain={DOMAIN}", "parallel.shard=fsdp"], "sharded weights"),
         (base + ["action.mode=forward_dynamics", f"action.domain={DOMAIN}", f"action.actions={root / 'none.st'}"],
          "does not exist"),
     ]

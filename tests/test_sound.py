@@ -183,7 +183,6 @@ def _copy_without(checkpoint, tmp_path, drop_sound_tokenizer=False, sound_gen=Tr
     ("no_tokenizer", "has no sound_tokenizer/ folder"),
     ("no_sound_gen", "sound_gen false"),
     ("image", "needs a video"),
-    ("parallel", "sharded weights"),
 ])
 def test_requests_that_cannot_have_sound_fail_in_one_line(case, match, checkpoint, tmp_path):
     small = ["height=32", "width=32", "num_frames=5", "sound=true"]
@@ -196,8 +195,6 @@ def test_requests_that_cannot_have_sound_fail_in_one_line(case, match, checkpoin
         overrides = [f"checkpoint={folder}", *small]
         if case == "image":
             overrides.append("num_frames=1")
-        if case == "parallel":
-            overrides.append("parallel.shard=fsdp")
     with pytest.raises(RequestError, match=match) as err:
         prepare(compose_generate(overrides), tmp_path / "out")
     assert "\n" not in str(err.value)
@@ -205,7 +202,7 @@ def test_requests_that_cannot_have_sound_fail_in_one_line(case, match, checkpoin
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["cfg", "ulysses"])
+@pytest.mark.parametrize("layout", ["cfg", "ulysses"])  # sharded weights: tests/test_action.py (sound + actions)
 def test_parallel_sound_matches_one_process(layout, checkpoint, tmp_path):
     """Two CPU ranks. parallel=cfg: each rank's (vision, sound) velocities travel in one gather, and the frames
     and the waveform are the single process's bit for bit. parallel=ulysses: the sound tokens are sharded with
