@@ -176,14 +176,13 @@ def test_action_task_matches_reference(mode, sound, checkpoint, reference, sourc
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel=cfg"], ["parallel=ulysses", "parallel.vae_rows=true"],
-                                    ["parallel=cfg", "parallel.shard=fsdp"]])
+@pytest.mark.parametrize("layout", [["parallel=cfg", "parallel.shard=fsdp"], ["parallel=ulysses", "parallel.vae_rows=true"]])
 def test_parallel_policy_with_sound_matches_one_process(layout, checkpoint, sources, tmp_path):
-    """Two CPU ranks, a policy rollout with sound. parallel=cfg: the (vision, sound, action) velocities of each
-    rank's branch travel in one gather; frames, waveform and actions are the single process's, bit for bit.
-    parallel=ulysses (and the decode split by rows): the sound and action tokens are sharded with the vision
-    tokens; with FSDP-sharded weights, the action and audio heads are all-gathered with the rest; both equal to
-    fp32 rounding."""
+    """Two CPU ranks, a policy rollout with sound (the same code path as sound or actions alone). parallel=cfg with
+    FSDP-sharded weights: the (vision, sound, action) velocities of each rank's branch travel in one gather, the
+    audio and action heads are all-gathered with the other weights; parallel=ulysses with the row-split decode:
+    the sound and action tokens are sharded with the vision tokens. Frames, waveform and actions equal the
+    single process's to fp32 rounding."""
     root, _, _ = sources
     args = [f"checkpoint={checkpoint}", f"prompt={PROMPT}", f"negative_prompt={NEGATIVE}", f"image={root / 'first.png'}",
             "fps=16.0", "seed=7", "sampler.num_inference_steps=3", "sampler.guidance_scale=4.0", "action.mode=policy",
@@ -204,7 +203,7 @@ def test_parallel_policy_with_sound_matches_one_process(layout, checkpoint, sour
     for name, key in (("frames.safetensors", "frames"), ("sound.safetensors", "waveform"),
                       ("actions.safetensors", "actions")):
         got, want = load_file(str(two / "out" / name))[key], load_file(str(one / name))[key]
-        assert torch.equal(got, want) if layout == ["parallel=cfg"] else (got - want).abs().max().item() <= 1e-4, name
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), name
 
 
 # ---- one-line refusals before any load -------------------------------------------------------------------

@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from helpers import compose_generate, torchrun
+from helpers import compose_generate
 from reference import load_reference_pipeline, make_reference_checkpoint
 from safetensors.torch import load_file
 
@@ -198,33 +198,6 @@ def test_requests_that_cannot_have_sound_fail_in_one_line(case, match, checkpoin
     with pytest.raises(RequestError, match=match) as err:
         prepare(compose_generate(overrides), tmp_path / "out")
     assert "\n" not in str(err.value)
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["cfg", "ulysses"])  # sharded weights: tests/test_action.py (sound + actions)
-def test_parallel_sound_matches_one_process(layout, checkpoint, tmp_path):
-    """Two CPU ranks. parallel=cfg: each rank's (vision, sound) velocities travel in one gather, and the frames
-    and the waveform are the single process's bit for bit. parallel=ulysses: the sound tokens are sharded with
-    the vision tokens (one token axis), equal to fp32 rounding (attention sums in another order)."""
-    req = dict(CASES["odd_latent_9f"], extra=["output.video=false"])
-    one = tmp_path / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers run
-    try:
-        generate(compose_generate(_overrides(checkpoint, req)), one)
-    finally:
-        torch.set_num_threads(threads)
-    two = tmp_path / "two"
-    two.mkdir()
-    # the console script takes prompts verbatim: no Hydra quotes around them there
-    args = [a.replace("'", "") if a.startswith(("prompt=", "negative_prompt=")) else a
-            for a in _overrides(checkpoint, req)]
-    proc = torchrun(2, [f"parallel={layout}", "parallel.backend=gloo", f"output.dir={two / 'out'}", *args], two)
-    assert proc.returncode == 0, proc.report()
-    for name, key in (("frames.safetensors", "frames"), ("sound.safetensors", "waveform")):
-        got, want = load_file(str(two / "out" / name))[key], load_file(str(one / name))[key]
-        assert torch.equal(got, want) if layout == "cfg" else (got - want).abs().max().item() <= 1e-5, name
 
 
 def test_sound_is_off_by_default(checkpoint, tmp_path):
