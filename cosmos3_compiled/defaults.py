@@ -226,12 +226,13 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
         par = cfg.parallel
         one_process = not (par.cfg or par.ulysses > 1 or _value(par.shard) != "none" or par.vae_rows)
         mode, vae = _value(cfg.compile.mode), _value(cfg.compile.vae)
-        cfg.compile.vae_warmup = cuda and mode == "cudagraph" and vae != "eager" and one_process
+        # compile.vae=default only: an autotuning mode would time its kernels beside the denoise loop's
+        cfg.compile.vae_warmup = cuda and mode == "cudagraph" and vae == "default" and one_process
         chosen["compile.vae_warmup"] = f"{cfg.compile.vae_warmup}: " + (
             "the compiled decode warms up on a background thread during the CUDA-graph denoise loop"
             if cfg.compile.vae_warmup else
             "on the CPU" if not cuda else f"compile.mode={mode}" if mode != "cudagraph" else
-            "compile.vae=eager" if vae == "eager" else "several processes")
+            f"compile.vae={vae}" if vae != "default" else "several processes")
 
     if cfg.model.attention_backend == "auto":
         if cuda and dtype in (torch.float16, torch.bfloat16):
