@@ -238,8 +238,8 @@ class DecodeWarmup:
     the steps'. Start it only after the step's last CUDA-graph capture (another thread's kernels would break a
     capture) and only with a step mode in `BACKGROUND_SAFE_MODES`.
 
-    `join()` waits for it and returns its record for metrics.json: its seconds, the graphs it compiled (which
-    are not the step's recompiles) and the wait; a failure is logged and recorded, never raised: the decode
+    `join()` waits for it and returns its record for metrics.json: its host seconds (compiling or loading, and
+    enqueueing), the graphs it compiled (which are not the step's recompiles) and the wait; a failure is logged and recorded, never raised: the decode
     then compiles as it would have."""
 
     def __init__(self, vae, latent_shape: tuple[int, ...]):
@@ -260,9 +260,8 @@ class DecodeWarmup:
             dev = self.vae.device
             with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
                 z = torch.zeros(self.shape, dtype=self.vae.dtype, device=dev)
+                # no sync: the decode that follows is ordered after these kernels on the same stream
                 self.vae.decode_frames(z, progress_desc=None)
-                if dev.type == "cuda":
-                    torch.cuda.current_stream(dev).synchronize()
         except Exception as err:  # the decode compiles for itself then; say why it could not be done ahead
             self.record["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
             log.warning("decode warm-up failed (the decode compiles its units itself): %s", self.record["error"])
