@@ -239,15 +239,14 @@ class DecodeWarmup:
     capture) and only with a step mode in `BACKGROUND_SAFE_MODES`.
 
     `join()` waits for it and returns its record for metrics.json: its host seconds (compiling or loading, and
-    enqueueing), the graphs it compiled (which are not the step's recompiles) and the wait; a failure is logged and recorded, never raised: the decode
-    then compiles as it would have."""
+    enqueueing), the graphs it compiled (which are not the step's recompiles) and the wait; a failure is logged
+    and recorded, never raised: the decode then compiles as it would have."""
 
     def __init__(self, vae, latent_shape: tuple[int, ...]):
         b, z, t, h, w = latent_shape
         self.vae, self.shape = vae, (b, z, min(t, WARMUP_LATENT_FRAMES), h, w)
         self.thread: threading.Thread | None = None
         self.record: dict = {}
-        self.graphs = 0
 
     def start(self, after_step: int) -> None:
         self.record["started_after_step"] = after_step
@@ -265,8 +264,13 @@ class DecodeWarmup:
         except Exception as err:  # the decode compiles for itself then; say why it could not be done ahead
             self.record["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
             log.warning("decode warm-up failed (the decode compiles its units itself): %s", self.record["error"])
-        self.graphs = compile_counters()["unique_graphs"] - before
-        self.record.update(seconds=time.perf_counter() - t0, graphs=self.graphs)
+        self.record.update(seconds=time.perf_counter() - t0,
+                           graphs=compile_counters()["unique_graphs"] - before)
+
+    @property
+    def graphs(self) -> int:
+        """The graphs the warm-up compiled (0 before it ran)."""
+        return self.record.get("graphs", 0)
 
     def join(self) -> dict:
         """Wait for the warm-up (no-op if it never started); its metrics record."""

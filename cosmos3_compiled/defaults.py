@@ -31,6 +31,7 @@ from .attention import check_backend
 from .audio import AudioConfig, AudioDecoder
 from .checkpoint_io import read_header, weight_files
 from .config import TransformerConfig
+from .distributed import is_parallel
 from .errors import RequestError
 from .model import Cosmos3Transformer
 
@@ -223,8 +224,7 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
             "compiled decode on CUDA" if compiles else f"compile.mode={_value(cfg.compile.mode)} on {device.type}")
 
     if cfg.compile.vae_warmup is None:
-        par = cfg.parallel
-        one_process = not (par.cfg or par.ulysses > 1 or _value(par.shard) != "none" or par.vae_rows)
+        one_process = not is_parallel(cfg.parallel)
         mode, vae = _value(cfg.compile.mode), _value(cfg.compile.vae)
         # compile.vae=default only: an autotuning mode would time its kernels beside the denoise loop's
         cfg.compile.vae_warmup = cuda and mode == "cudagraph" and vae == "default" and one_process

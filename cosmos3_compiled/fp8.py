@@ -81,9 +81,9 @@ def scaled_mm(x8: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tensor, scale_b
     if x8.is_cuda:
         dev = x8.device  # an offloaded text tower's scales stay in host memory
         if scale_b.dim() == 1:  # row-wise: _scaled_mm takes [M, 1] and [1, N] scales
-            return torch._scaled_mm(x8, w8.t(), scale_a=scale_a.to(dev).reshape(1, 1).expand(x8.shape[0], 1).contiguous(),
-                                    scale_b=scale_b.to(dev).reshape(1, -1), out_dtype=out_dtype,
-                                    use_fast_accum=FAST_ACCUM)
+            rows = scale_a.to(dev).reshape(1, 1).expand(x8.shape[0], 1).contiguous()
+            return torch._scaled_mm(x8, w8.t(), scale_a=rows, scale_b=scale_b.to(dev).reshape(1, -1),
+                                    out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
         return torch._scaled_mm(x8, w8.t(), scale_a=scale_a.to(dev).reshape(()), scale_b=scale_b.to(dev).reshape(()), bias=bias,
                                 out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
     acc = (x8.float() @ w8.float().t()) * (scale_a.float() * scale_b.float())

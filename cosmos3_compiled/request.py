@@ -27,6 +27,7 @@ from .components import DTYPES, CheckpointSpec, read_checkpoint
 from .compile import BACKGROUND_SAFE_MODES
 from .config import TransformerConfig, preset
 from .defaults import REFERENCE_SIZE, machine_defaults, request_defaults, sampler_defaults
+from .distributed import is_parallel
 from .errors import RequestError
 from .checkpoint import WEIGHTS_STEM
 from .checkpoint_io import read_header, weight_files
@@ -255,8 +256,7 @@ def _check_vae_warmup(cfg: DictConfig, mode: str) -> None:
     if mode not in BACKGROUND_SAFE_MODES:
         raise RequestError(f"compile.vae_warmup=true needs compile=cudagraph or compile=eager: compile={mode}'s "
                            "steady-state guard would take the warm-up's graphs for recompiles")
-    par = cfg.parallel
-    if par.cfg or par.ulysses > 1 or value(par.shard) != "none" or par.vae_rows:
+    if is_parallel(cfg.parallel):
         raise RequestError("compile.vae_warmup=true runs on one process: use parallel=none")
 
 

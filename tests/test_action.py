@@ -15,6 +15,7 @@ from reference import load_reference_pipeline, make_reference_checkpoint
 from safetensors.torch import load_file, save_file
 
 from cosmos3_compiled import action as act
+from cosmos3_compiled.cli import quote_free_text
 from cosmos3_compiled.errors import RequestError
 from cosmos3_compiled.pipeline import generate
 from cosmos3_compiled.request import prepare
@@ -176,7 +177,8 @@ def test_action_task_matches_reference(mode, sound, checkpoint, reference, sourc
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel=cfg", "parallel.shard=fsdp"], ["parallel=ulysses", "parallel.vae_rows=true"]])
+@pytest.mark.parametrize("layout", [["parallel=cfg", "parallel.shard=fsdp"],
+                                    ["parallel=ulysses", "parallel.vae_rows=true"]])
 def test_parallel_policy_with_sound_matches_one_process(layout, checkpoint, sources, tmp_path):
     """Two CPU ranks, a policy rollout with sound (the same code path as sound or actions alone). parallel=cfg with
     FSDP-sharded weights: the (vision, sound, action) velocities of each rank's branch travel in one gather, the
@@ -191,9 +193,8 @@ def test_parallel_policy_with_sound_matches_one_process(layout, checkpoint, sour
     one = tmp_path / "one"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's workers run
-    try:  # in process, Hydra's grammar applies: quote the free text
-        generate(compose_generate([f"{a.split('=', 1)[0]}='{a.split('=', 1)[1]}'" if a.startswith(
-            ("prompt=", "negative_prompt=")) else a for a in args]), one)
+    try:  # in process, the console script's quoting of the free text for Hydra
+        generate(compose_generate(quote_free_text(args)), one)
     finally:
         torch.set_num_threads(threads)
     two = tmp_path / "two"
