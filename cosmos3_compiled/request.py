@@ -35,7 +35,8 @@ from .fp8 import Fp8Policy, linear_group, missing_input_scales, read_quantizatio
 from .hub import resolve_checkpoint
 from .media import probe_clip, read_clip
 from .schema import unknown_keys
-from .scheduler import COSMOS3_SCHEDULER_CONFIG, FlowMatchEulerScheduler, FlowUniPCScheduler, merge_schedule_overrides
+from .scheduler import (COSMOS3_DISTILLED_SCHEDULER_CONFIG, COSMOS3_SCHEDULER_CONFIG, FlowMatchEulerScheduler,
+                        FlowUniPCScheduler, merge_schedule_overrides)
 from .model import check_fused_qk_rope, fused_qk_rope_supported
 
 
@@ -272,13 +273,20 @@ def check_output_dir(out_dir: Path) -> None:
 
 def build_scheduler(cfg: DictConfig, checkpoint: CheckpointSpec | None) -> FlowUniPCScheduler | FlowMatchEulerScheduler:
     """The checkpoint's scheduler, chosen by its `_class_name` (the embedded default: the published UniPC one)."""
-    raw = dict(COSMOS3_SCHEDULER_CONFIG) if checkpoint is None else checkpoint.scheduler
+    distilled = bool(cfg.model.get("distilled", False))
+    if checkpoint is not None and distilled:
+        raise RequestError("model.distilled=true applies to checkpoint=null (random weights); a checkpoint's "
+                           "scheduler is its scheduler/scheduler_config.json: leave model.distilled unset")
+    if checkpoint is not None:
+        raw = checkpoint.scheduler
+    else:
+        raw = dict(COSMOS3_DISTILLED_SCHEDULER_CONFIG if distilled else COSMOS3_SCHEDULER_CONFIG)
     schedule = value(cfg.sampler.schedule)
-    if checkpoint is not None and raw.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+    if raw.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
         if schedule != "checkpoint":
             raise RequestError(f"sampler.schedule={schedule} does not apply to this distilled checkpoint: it samples "
                                "its own fixed schedule (FlowMatchEulerDiscreteScheduler); leave sampler.schedule unset")
-        return FlowMatchEulerScheduler.from_config(raw, checkpoint.distilled_sigmas)
+        return FlowMatchEulerScheduler.from_config(raw, None if checkpoint is None else checkpoint.distilled_sigmas)
     raw = merge_schedule_overrides(raw, schedule, float(cfg.sampler.flow_shift))
     return FlowUniPCScheduler.from_config(raw)
 

@@ -71,6 +71,7 @@ class Schedule(str, Enum):
 class ModelConfig:
     name: str = "debug"
     init_seed: int = 0
+    distilled: bool = False
     height: int = 128
     width: int = 128
     num_frames: int = 9

@@ -240,3 +240,17 @@ def test_frames_match_the_distilled_reference(name, num_frames, distilled_checkp
     assert ref.std() > 0.05  # not a constant image
     assert state.metrics["timesteps"] == pytest.approx([1000.0, 937.5, 833.3333, 625.0])
     assert state.metrics["text_tokens"]["uncond"] == 0  # guidance 1: the cond branch alone, as the reference
+
+
+def test_random_weights_sample_the_distilled_schedule(distilled_checkpoint, tmp_path):
+    """`model.distilled=true` (checkpoint=null: random-weight benchmarks of the 4-step models) samples what a distilled
+    checkpoint of the same preset and seed samples; with a checkpoint it is refused in one line."""
+    request = [*SMALL, "seed=3", "output.frames=float32"]
+    generate(compose_generate([*request, "model.distilled=true"]), tmp_path / "embedded")
+    generate(compose_generate([*request, f"checkpoint={distilled_checkpoint}"]), tmp_path / "loaded")
+    embedded, loaded = (load_file(str(tmp_path / d / "frames.safetensors"))["frames"] for d in ("embedded", "loaded"))
+    assert torch.equal(embedded, loaded)
+    metrics = json.loads((tmp_path / "embedded" / "metrics.json").read_text())
+    assert len(metrics["timesteps"]) == 4 and metrics["auto"]["sampler.guidance_scale"].startswith("1.0")
+    with pytest.raises(RequestError, match=r"^model.distilled=true applies to checkpoint=null"):
+        prepare(compose_generate([*request, f"checkpoint={distilled_checkpoint}", "model.distilled=true"]), tmp_path / "x")
