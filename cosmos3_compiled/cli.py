@@ -8,11 +8,13 @@ import os
 import re
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -189,6 +191,15 @@ def main() -> NoReturn:
     exit_now(code)
 
 
+def out_of_memory_line(err: BaseException) -> str:
+    """One line for a CUDA out-of-memory error (its traceback goes to the log file): what ran out and what to try."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+    first = first.split(" If reserved but unallocated")[0].rstrip(".")
+    return (f"{first}. Try: compile.offload_text_tower=true (text weights in host memory), model.vae_tiles=4 "
+            "(the decode in strips), a smaller request, or the weights sharded over GPUs (torchrun ... "
+            "parallel.shard=fsdp)")
+
+
 def exit_now(code) -> NoReturn:
     """End the process with `code` (a `SystemExit` code) once stdout, stderr and the log files are flushed,
     skipping the interpreter's teardown: every output is already complete on disk, the process group is torn
@@ -226,11 +237,17 @@ def hydra_main(cfg: DictConfig) -> str | None:
         state = generate(cfg, out_dir)
     except Exception as err:
         if not multirun:
+            if isinstance(err, torch.OutOfMemoryError):
+                log_to_file(traceback.format_exc())
+                fail(out_of_memory_line(err), 1)
             if not isinstance(err, RequestError):
                 raise  # a bug: its traceback helps
             fail(str(err), 2)
         # a sweep's other jobs still run; `SweepSummary` reports this one at the end
-        reason = str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
+        if isinstance(err, torch.OutOfMemoryError):
+            reason = out_of_memory_line(err)
+        else:
+            reason = str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
         if isinstance(err, RequestError):
             log.error("job failed: %s", reason)
         else:

@@ -33,6 +33,7 @@ from .checkpoint_io import read_header, weight_files
 from .config import TransformerConfig
 from .distributed import is_parallel
 from .errors import RequestError
+from .fp8 import read_quantization_config
 from .model import Cosmos3Transformer
 
 # The reference's request defaults when a checkpoint is given (diffusers 0.42.1 Cosmos3OmniPipeline.__call__).
@@ -153,6 +154,28 @@ def audio_bytes(cfg: AudioConfig, sound_len: int, dtype: torch.dtype) -> int:
     return weights + 4 * widest * size
 
 
+def _quantized(checkpoint) -> bool:
+    """An FP8 checkpoint: its weights take half the bytes `parameter_bytes` counts in the activation dtype."""
+    return checkpoint is not None and read_quantization_config(checkpoint.folder / "transformer") is not None
+
+
+def check_fit(cfg: DictConfig, budget: tuple[int, int, int, int], device: torch.device) -> None:
+    """Refuse in one line, before any weights are read, a job whose resident weights plus the request's buffers
+    (`request_bytes`, an upper estimate) exceed what this process can have on the GPU: it would only fail with an
+    out-of-memory error minutes later, after the load and the compile."""
+    video_w, text_w, req, free = budget
+    offloaded = bool(cfg.compile.offload_text_tower)
+    held = video_w + (0 if offloaded else text_w)
+    if held + req <= free:
+        return
+    what = "video-tower weights" if offloaded else "weights (both towers)"
+    tips = ([] if offloaded else ["compile.offload_text_tower=true"]) + [
+        "a smaller request (height, width, num_frames)", "a GPU with more memory",
+        "the weights sharded over GPUs (torchrun --nproc-per-node N ... parallel.shard=fsdp)"]
+    raise RequestError(f"this job does not fit on {device}: {what} {held / _GIB:.1f} GiB + the request's buffers "
+                       f"≈{req / _GIB:.1f} GiB > {free / _GIB:.1f} GiB free; try " + ", ".join(tips))
+
+
 def _free_cuda_bytes(device: torch.device) -> int:
     """Bytes this process can have on `device`: what the driver reports free plus what this process's caching
     allocator already holds (the models a sweep keeps resident, their graphs, cached blocks). The budget is the
@@ -244,8 +267,8 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
             cfg.model.attention_backend = "sdpa"
             chosen["model.attention_backend"] = f"sdpa: PyTorch's own choice ({device.type}, {_value(cfg.dtype)})"
 
-    budget = None  # (video-tower, text-tower, request, free) bytes: computed once, when a choice needs it
-    if cuda and (cfg.compile.offload_text_tower is None or cfg.model.vae_tiles is None):
+    budget = None  # (video-tower, text-tower, request, free) bytes: computed once, on CUDA
+    if cuda:
         req = request_bytes(model_cfg, request, dtype)
         if request.sound_len and checkpoint is not None and checkpoint.sound is not None:
             req += audio_bytes(checkpoint.sound, request.sound_len, dtype)  # the audio decoder, in the model dtype
@@ -265,6 +288,9 @@ def machine_defaults(cfg: DictConfig, checkpoint, request, model_cfg: Transforme
         cfg.compile.pin_text_tower = bool(cfg.compile.offload_text_tower and cuda)
         chosen["compile.pin_text_tower"] = (f"{cfg.compile.pin_text_tower}: "
                                             + ("follows the offload" if cuda else "on the CPU"))
+
+    if cuda and not is_parallel(cfg.parallel) and not _quantized(checkpoint):
+        check_fit(cfg, budget, device)
 
     if cfg.model.vae_tiles is None:
         tiles = 1

@@ -84,8 +84,11 @@ def scaled_mm(x8: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tensor, scale_b
             rows = scale_a.to(dev).reshape(1, 1).expand(x8.shape[0], 1).contiguous()
             return torch._scaled_mm(x8, w8.t(), scale_a=rows, scale_b=scale_b.to(dev).reshape(1, -1),
                                     out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
-        return torch._scaled_mm(x8, w8.t(), scale_a=scale_a.to(dev).reshape(()), scale_b=scale_b.to(dev).reshape(()), bias=bias,
-                                out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
+        # each scale as its own 0-dim buffer: inductor's _scaled_mm template cannot take a 0-dim view into the
+        # per-slice scale vector (its lowering fails on the select)
+        sa, sb = (t.to(dev).reshape(()).clone() for t in (scale_a, scale_b))
+        return torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=out_dtype,
+                                use_fast_accum=FAST_ACCUM)
     acc = (x8.float() @ w8.float().t()) * (scale_a.float() * scale_b.float())
     if bias is not None:
         acc = acc + bias.float()
