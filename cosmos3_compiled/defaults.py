@@ -155,7 +155,8 @@ def audio_bytes(cfg: AudioConfig, sound_len: int, dtype: torch.dtype) -> int:
 
 
 def _quantized(checkpoint) -> bool:
-    """An FP8 checkpoint: its weights take half the bytes `parameter_bytes` counts in the activation dtype."""
+    """An FP8 (ModelOpt) checkpoint: `parameter_bytes`, counted in the activation dtype, would count its weights
+    twice over, so the fit check leaves it alone."""
     return checkpoint is not None and read_quantization_config(checkpoint.folder / "transformer") is not None
 
 
