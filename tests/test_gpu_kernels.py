@@ -133,3 +133,30 @@ def test_fp8_rowwise_fused_linear_matches_the_separate_linears_on_cuda():
     want = torch.cat([p(x) for p in parts], dim=-1).float()
     for got in (fused(x), torch.compile(fused, fullgraph=True)(x)):
         assert ((got.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("same_weight_scale", [True, False], ids=["uniform", "per_slice_with_bias"])
+def test_fp8_fused_linear_compiles_with_its_scales_taken_from_the_slice_vectors(same_weight_scale):
+    """Inductor's `_scaled_mm` lowering on CUDA once failed on a per-tensor scale given as a 0-dim view into a fused
+    linear's per-slice scale vector (the gate|up fusion of a Nano FP8 checkpoint, in the compiled W8A8 step):
+    both the one-GEMM path (equal slice scales) and the per-slice path compile fullgraph and equal eager."""
+    from cosmos3_compiled import fp8
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    parts = []
+    for i, rows in enumerate((128, 128)):
+        p = fp8.Fp8Linear(256, rows, not same_weight_scale, device="cuda")
+        w8, ws = fp8.quantize_weight(torch.randn(rows, 256, device="cuda"))
+        scale = torch.full((), 0.01, device="cuda") if same_weight_scale else ws
+        p.weight.data, p.weight_scale.data = w8, scale
+        p.input_scale.data = (x.float().abs().max() / 448 * (1 + i * (not same_weight_scale))).reshape(())
+        if p.bias is not None:
+            p.bias.data = torch.randn(rows, device="cuda", dtype=torch.bfloat16)
+        p.setup_buffers()
+        parts.append(p)
+    fused = fp8.Fp8Linear.concat(parts)
+    assert fused.uniform is same_weight_scale
+    eager = fused(x).float()
+    compiled = torch.compile(fused, fullgraph=True)(x).float()
+    assert ((compiled - eager).abs() <= 2 ** -7 * eager.abs() + 1e-6).all()
