@@ -81,7 +81,9 @@ def init_random_(model: Cosmos3Transformer, seed: int) -> Cosmos3Transformer:
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(random_param(name, tuple(p.shape), gen, dev))
+            # cast where drawn: an offloaded parameter then crosses to the host in its own dtype (half the bytes
+            # of fp32 for bf16) and the host does no conversion (the rounding is the same on either side)
+            p.copy_(random_param(name, tuple(p.shape), gen, dev).to(p.dtype))
     return model
 
 
