@@ -236,18 +236,19 @@ def hydra_main(cfg: DictConfig) -> str | None:
     try:
         state = generate(cfg, out_dir)
     except Exception as err:
-        if not multirun:
-            if isinstance(err, torch.OutOfMemoryError):
-                log_to_file(traceback.format_exc())
-                fail(out_of_memory_line(err), 1)
-            if not isinstance(err, RequestError):
-                raise  # a bug: its traceback helps
-            fail(str(err), 2)
-        # a sweep's other jobs still run; `SweepSummary` reports this one at the end
-        if isinstance(err, torch.OutOfMemoryError):
+        oom = isinstance(err, torch.OutOfMemoryError)
+        if oom:
             reason = out_of_memory_line(err)
         else:
             reason = str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
+        if not multirun:
+            if oom:
+                log_to_file(traceback.format_exc())
+                fail(reason, 1)
+            if not isinstance(err, RequestError):
+                raise  # a bug: its traceback helps
+            fail(reason, 2)
+        # a sweep's other jobs still run; `SweepSummary` reports this one at the end
         if isinstance(err, RequestError):
             log.error("job failed: %s", reason)
         else:

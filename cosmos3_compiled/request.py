@@ -273,7 +273,7 @@ def check_output_dir(out_dir: Path) -> None:
 
 def build_scheduler(cfg: DictConfig, checkpoint: CheckpointSpec | None) -> FlowUniPCScheduler | FlowMatchEulerScheduler:
     """The checkpoint's scheduler, chosen by its `_class_name` (the embedded default: the published UniPC one)."""
-    distilled = bool(cfg.model.get("distilled", False))
+    distilled = bool(cfg.model.distilled)
     if checkpoint is not None and distilled:
         raise RequestError("model.distilled=true applies to checkpoint=null (random weights); a checkpoint's "
                            "scheduler is its scheduler/scheduler_config.json: leave model.distilled unset")

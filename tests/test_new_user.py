@@ -46,39 +46,37 @@ def test_nccl_on_the_cpu_is_one_line():
         distributed.resolve_backend("nccl", "cpu")
 
 
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    def interrupted(cfg, out_dir):
-        raise KeyboardInterrupt
+def _run_cli_failing_with(error: BaseException, tmp_path, monkeypatch) -> int:
+    """`cli.run()` with the generation raising `error`, output under tmp_path/out; the exit code."""
+    def failing(cfg, out_dir):
+        raise error
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "generate", interrupted)
+    monkeypatch.setattr(cli, "generate", failing)
     monkeypatch.setattr(sys, "argv", ["cosmos3-generate", f"output.dir={tmp_path / 'out'}"])
     with pytest.raises(SystemExit) as info:
         cli.run()
-    assert info.value.code == 130
+    return info.value.code
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    assert _run_cli_failing_with(KeyboardInterrupt(), tmp_path, monkeypatch) == 130
     assert capsys.readouterr().err.strip() == "error: interrupted"
 
 
 def test_cuda_out_of_memory_is_one_line_with_what_to_try(tmp_path, monkeypatch, capsys):
     """A CUDA OOM mid-run (what the fit check below could not foresee) ends in one line and exit 1; the traceback
     goes to cli.log."""
-    def out_of_memory(cfg, out_dir):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.21 GiB. GPU 0 has a total capacity of "
-                                     "79.18 GiB of which 2.33 GiB is free. If reserved but unallocated memory is "
-                                     "large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "generate", out_of_memory)
-    monkeypatch.setattr(sys, "argv", ["cosmos3-generate", f"output.dir={tmp_path / 'out'}"])
-    with pytest.raises(SystemExit) as info:
-        cli.run()
-    assert info.value.code == 1
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.21 GiB. GPU 0 has a total capacity of "
+                                   "79.18 GiB of which 2.33 GiB is free. If reserved but unallocated memory is large "
+                                   "try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    assert _run_cli_failing_with(error, tmp_path, monkeypatch) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: CUDA out of memory. Tried to allocate 4.21 GiB"), lines
     assert "compile.offload_text_tower=true" in lines[0] and "parallel.shard=fsdp" in lines[0]
     assert "expandable_segments" not in lines[0]
     log_text = (tmp_path / "out" / "cli.log").read_text()
-    assert "Traceback" in log_text and "out_of_memory" in log_text
+    assert "Traceback" in log_text and "OutOfMemoryError" in log_text
 
 
 @pytest.mark.parametrize("text", ["blurry, low quality", "A fox's tail, at dawn (slow)", 'say "hi" = ok \\ back\\',
