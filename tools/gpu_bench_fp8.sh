@@ -5,8 +5,13 @@
 # (tools/bench_fp8.py), then the plain command at the reference's 1280x720x189 with the shipped policy, in a fresh
 # process. A short table last. Results under $OUT (bench_fp8.json, e2e/…/metrics.json, logs).
 # Usage on the device: bash tools/gpu_bench_fp8.sh     (CKPT=/tmp/cosmos3-nano-fp8, OUT=/tmp/out by default)
+#   PART=bench or PART=e2e runs one half (the checkpoint is written first either way when missing). The plain
+#   command runs in /tmp/fp8_e2e; its metrics.json and the tail of its log are copied to $OUT (the device tool
+#   returns files at most two folders deep).
 set -u
-OUT=${OUT:-/tmp/out}; CKPT=${CKPT:-/tmp/cosmos3-nano-fp8}
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; CKPT=${CKPT:-/tmp/cosmos3-nano-fp8}; PART=${PART:-bench,e2e}
+E2E=${E2E:-/tmp/fp8_e2e}
 SHAPES=${SHAPES:-720x1280x81,720x1280x189}; ITERS=${ITERS:-3}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -18,14 +23,21 @@ if [ ! -f "$CKPT/model_index.json" ]; then
     --device cuda --fp8 > "$OUT/make_checkpoint.log" 2>&1; tail -3 "$OUT/make_checkpoint.log"
 fi
 du -sb "$CKPT/transformer" | tee -a "$OUT/machine.txt"
-/usr/bin/time -f "bench_fp8 %e s wall" timeout 300 python tools/bench_fp8.py --checkpoint "$CKPT" --shapes "$SHAPES" \
-  --iters "$ITERS" --out "$OUT" > "$OUT/bench_fp8.log" 2>&1
-tail -c 4000 "$OUT/bench_fp8.log"
-mkdir -p "$OUT/e2e" && cd "$OUT/e2e" || exit 1
-/usr/bin/time -f "e2e %e s wall" timeout 420 python -m cosmos3_compiled.cli checkpoint="$CKPT" \
-  prompt="A red fox trots through fresh snow at dawn, steam rising from its breath." > log.txt 2>&1
-tail -c 1500 log.txt | tr '\r' '\n' | tail -6
-cd - > /dev/null
+if [[ ",$PART," == *,bench,* ]]; then
+  /usr/bin/time -f "bench_fp8 %e s wall" timeout "${BENCH_TIMEOUT:-240}" python tools/bench_fp8.py --checkpoint "$CKPT" \
+    --shapes "$SHAPES" --iters "$ITERS" --out "$OUT" > "$OUT/bench_fp8.log" 2>&1
+  tail -c 4000 "$OUT/bench_fp8.log"
+fi
+if [[ ",$PART," == *,e2e,* ]]; then
+  mkdir -p "$E2E" && cd "$E2E" || exit 1
+  /usr/bin/time -f "e2e %e s wall" timeout "${E2E_TIMEOUT:-300}" python -m cosmos3_compiled.cli checkpoint="$CKPT" \
+    prompt="A red fox trots through fresh snow at dawn, steam rising from its breath." > log.txt 2>&1
+  tail -c 1500 log.txt | tr '\r' '\n' | tail -6
+  tail -c 20000 log.txt > "$OUT/e2e_log.txt"
+  found=$(ls outputs/*/*/metrics.json 2>/dev/null | head -1)
+  [ -n "$found" ] && cp "$found" "$OUT/e2e_metrics.json"
+  cd - > /dev/null
+fi
 python - "$OUT" <<'PY'
 import glob, json, sys
 out = sys.argv[1]
@@ -46,9 +58,9 @@ try:
         print(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
 except (OSError, KeyError, ValueError) as err:
     print("bench_fp8: no results", err)
-found = glob.glob(f"{out}/e2e/outputs/*/*/metrics.json")
+found = glob.glob(f"{out}/e2e_metrics.json")
 if not found:
-    print("e2e: no metrics.json (see e2e/log.txt)")
+    print("e2e: no metrics.json (see e2e_log.txt)")
 else:
     m = json.load(open(found[0]))
     s, st = m["seconds"], m.get("steps", {})
