@@ -9,6 +9,10 @@ One path object per model (`Cosmos3Transformer.set_attention`), built by `build_
         ([N, H, D] storage) in and out: its kernels read that layout fastest and the token-major output is
         what the out-projection reads, so no transpose follows. GQA is native in the kernel.
 
+`fp8` (set per step on the host by `fp8.set_step_regime`; a Python constant to the compiler, so each value is
+its own graph): the non-causal attention runs `fp8_attention.attention` (FP8 Q/K/V, `precision.fp8_attention`)
+instead of the path's kernel; causal (text-tower) attention stays in 16 bits.
+
 Every path takes head-major *views* q [Hq, N, D], k/v [Hkv, M, D] (whatever their storage) and returns
 [N, Hq·D]. Sequence parallelism wraps a path from outside (`distributed.UlyssesAttention`).
 
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import ops
+from . import fp8_attention, ops
 from .errors import RequestError
 
 SDPA_BACKENDS = {
@@ -78,6 +82,7 @@ class AttentionPath:
 
     head_major_queries = True  # the layout `new_queries` allocates (also told to the fused prologue kernel)
     fuses_prologue = True  # the fused q/k-norm + RoPE + K/V-write kernel may feed it (keys stay on this device)
+    fp8 = False  # the non-causal attention in FP8 (fp8_attention.py), set per step by fp8.set_step_regime
 
     def __init__(self, backend: str = "auto"):
         if backend not in SDPA_BACKENDS:
@@ -115,6 +120,8 @@ class AttentionPath:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """q [Hq, N, D], k/v [Hkv, M, D] (views, any storage) → [N, Hq·D]."""
+        if self.fp8 and not causal:
+            return fp8_attention.attention(q, k, v)
         args = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
         gqa = k.shape[0] != q.shape[0]
         if self.kernel is None:
@@ -141,6 +148,8 @@ class FA4Attention(AttentionPath):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         hq, n, _ = q.shape
+        if self.fp8 and not causal:
+            return fp8_attention.attention(q, k, v)
         if causal and n != k.shape[1]:  # FA aligns causal masks bottom-right, SDPA (the reference) top-left
             return super().__call__(q, k, v, causal)
         out = fa4_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal)

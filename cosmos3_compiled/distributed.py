@@ -369,6 +369,14 @@ class UlyssesAttention:
         self.name = f"{inner.name} (ulysses {ulysses.degree})"
         self.head_major_queries = inner.head_major_queries
 
+    @property
+    def fp8(self) -> bool:  # the FP8-attention switch (fp8.set_step_regime) belongs to the kernel inside
+        return self.inner.fp8
+
+    @fp8.setter
+    def fp8(self, on: bool) -> None:
+        self.inner.fp8 = on
+
     def new_kv_buffer(self, tokens: int, heads: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return self.inner.new_kv_buffer(tokens, heads // self.ulysses.degree, dim, device, dtype)
 

@@ -302,6 +302,7 @@ class Fp8Policy:
     overlap: str = "a16"
     reasoner_a16: bool = True
     all_a16: bool = False
+    fp8_attention: bool = False  # `precision.fp8_attention`: the video tower's attention in FP8 at the W8A8 steps
 
     @classmethod
     def resolve(cls, quantization_config: dict | None, policy: str = "checkpoint", first_steps: int | None = None,
@@ -352,10 +353,16 @@ class Fp8Policy:
             return "a16" if self.reasoner_a16 else "a8"
         return "a8"
 
-    def step_modes(self, step: int, num_steps: int) -> tuple[str, str, str]:
-        """The modes of the generation group, the reasoner group and the unclassified linears at `step`: what a
-        compiled graph of the step depends on (two steps with the same modes run the same graphs)."""
-        return tuple(self.group_regime(g, step, num_steps) for g in GROUPS)
+    def step_modes(self, step: int, num_steps: int) -> tuple[str, ...]:
+        """The modes of the generation group, the reasoner group and the unclassified linears at `step`, and the
+        video attention's precision ("fp8" / "bf16"): what a compiled graph of the step depends on (two steps
+        with the same modes run the same graphs)."""
+        modes = tuple(self.group_regime(g, step, num_steps) for g in GROUPS)
+        return (*modes, "fp8" if self.attention_fp8(step, num_steps) else "bf16")
+
+    def attention_fp8(self, step: int, num_steps: int) -> bool:
+        """Whether the video tower's attention runs in FP8 at `step`: with the option on, at the W8A8 steps."""
+        return self.fp8_attention and not self.generation_a16(step, num_steps)
 
     def uses_a8(self, num_steps: int, groups=GROUPS) -> bool:
         """Whether any linear of `groups` runs W8A8 at any of `num_steps` steps (it then needs its input_scale)."""
@@ -363,10 +370,11 @@ class Fp8Policy:
 
     def describe(self) -> dict:
         """metrics.json `precision`: what the policy resolved to (the overrides asked for are in `config`)."""
+        attn = {"fp8_attention": "at the W8A8 steps"} if self.fp8_attention else {}
         if self.all_a16 or not self.mixed:
-            return {"every_step": "a16" if self.all_a16 else "a8"}
+            return {"every_step": "a16" if self.all_a16 else "a8", **attn}
         return {"first_steps": self.first_steps, "last_steps": self.last_steps, "overlap": self.overlap,
-                "reasoner": "a16" if self.reasoner_a16 else "a8"}
+                "reasoner": "a16" if self.reasoner_a16 else "a8", **attn}
 
     def schedule(self, num_steps: int) -> list[str]:
         """Per step: "W8A16" or "W8A8" (the generation group), as diffusers' `precision_name` names them."""
@@ -416,6 +424,7 @@ def set_step_regime(model: nn.Module, policy: Fp8Policy, step: int, num_steps: i
     step's name ("W8A16" / "W8A8", the generation group's regime)."""
     for m in fp8_linears(model):
         m.mode = policy.group_regime(m.group, step, num_steps)
+    model.attention.fp8 = policy.attention_fp8(step, num_steps)
     return "W8A16" if policy.generation_a16(step, num_steps) else "W8A8"
 
 

@@ -314,9 +314,11 @@ def check_precision(cfg: DictConfig, checkpoint: CheckpointSpec | None, num_step
     windows with an every-step policy, and a policy with W8A8 steps for linears exported without an input_scale."""
     node = cfg.precision
     policy, first, last = str(value(node.policy)), node.first_steps, node.last_steps
+    fp8_attention = node.fp8_attention
     qc = None if checkpoint is None else read_quantization_config(checkpoint.folder / "transformer")
     if qc is None:
-        asked = [f"precision.{k}={v}" for k, v in (("policy", policy), ("first_steps", first), ("last_steps", last))
+        asked = [f"precision.{k}={v}" for k, v in (("policy", policy), ("first_steps", first), ("last_steps", last),
+                                                   ("fp8_attention", "true" if fp8_attention else None))
                  if v not in (None, "checkpoint")]
         if asked:
             where = "the embedded default model" if checkpoint is None else f"checkpoint {checkpoint.folder}"
@@ -327,7 +329,10 @@ def check_precision(cfg: DictConfig, checkpoint: CheckpointSpec | None, num_step
         key = "first_steps" if first is not None else "last_steps"
         raise RequestError(f"precision.{key} sets a W8A16 window of precision.policy=checkpoint; precision.policy="
                            f"{policy} runs every step the same: drop precision.{key}")
-    resolved = Fp8Policy.resolve(qc, policy, first, last)
+    resolved = dataclasses.replace(Fp8Policy.resolve(qc, policy, first, last), fp8_attention=fp8_attention)
+    if fp8_attention and not resolved.uses_a8(num_steps, ("generation",)):
+        raise RequestError(f"precision.fp8_attention=true runs at the W8A8 steps, and precision.policy={policy} has "
+                           "none in this request: drop it or use a policy with W8A8 steps")
     missing = missing_input_scales(read_header(weight_files(checkpoint.folder / "transformer", WEIGHTS_STEM)))
     if missing and resolved.uses_a8(num_steps, {linear_group(n) for n in missing}):
         raise RequestError(f"precision.policy={policy} runs W8A8 steps, but {len(missing)} FP8 linear(s) of "
@@ -537,6 +542,11 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     model = preset(cfg.model.name) if checkpoint is None else checkpoint.transformer
     cfg, chosen = machine_defaults(cfg, checkpoint, request, model)
     auto.update(chosen)
+    if precision is not None and precision.fp8_attention and str(cfg.device) == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            raise RequestError(f"precision.fp8_attention=true needs FP8 tensor cores (compute capability 8.9 or newer); "
+                               f"this GPU is sm{major}{minor}")
     request = dataclasses.replace(request, use_system_prompt=bool(cfg.sampler.use_system_prompt))
     settings = check_settings(cfg, model)
     out_dir = Path(out_dir)

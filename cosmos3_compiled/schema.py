@@ -119,6 +119,7 @@ class PrecisionConfig:
     policy: PrecisionPolicy = PrecisionPolicy.checkpoint
     first_steps: Optional[int] = None  # None: the checkpoint's (or the reference's default) W8A16 window
     last_steps: Optional[int] = None
+    fp8_attention: bool = False  # the video attention in FP8 at the W8A8 steps (not the reference's arithmetic)
 
 
 class ActionMode(str, Enum):

@@ -6,6 +6,7 @@ reference's; switching regimes is a guard hit of two compiled graphs, never a re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -305,3 +306,57 @@ def test_tool_checkpoint_a16_equals_the_dequantized_checkpoint(tmp_path):
             m.text_pass(ids, b)
             outs.append(m.video_step(latents, torch.tensor(400.0), b))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * outs[1].abs().max().item()
+
+
+def test_fp8_attention_runs_at_the_w8a8_steps_only_and_stays_close_to_bf16(fp8_checkpoint):
+    """precision.fp8_attention: the W8A16 steps unchanged, the W8A8 steps' attention in FP8 (the CPU path is the
+    kernel's emulation) close to the bf16-attention step; under compile the flag is its own graph, no recompile."""
+    from cosmos3_compiled.compile import apply_compile
+    from cosmos3_compiled.schema import CompileConfig
+
+    folder, _, qc = fp8_checkpoint
+    model = load_transformer(folder, dtype=torch.float32)
+    plain = fp8.Fp8Policy.resolve(qc)
+    with_fp8 = dataclasses.replace(plain, fp8_attention=True)
+    ids, latents = _inputs()
+    b = model.setup_branch(len(ids), LATENT, fps=FPS)
+
+    def step(policy, i):
+        fp8.set_step_regime(model, policy, i, STEPS)
+        model.text_pass(ids, b)
+        with torch.no_grad():
+            return model(latents, torch.tensor(500.0), b)
+
+    assert torch.equal(step(with_fp8, 0), step(plain, 0))  # a W8A16 step: bf16 attention either way
+    base, quant = step(plain, 10), step(with_fp8, 10)
+    assert model.attention.fp8 and not torch.equal(base, quant)
+    err = (quant - base).norm() / base.norm()
+    assert 0 < err.item() < 0.1
+
+    apply_compile(model, CompileConfig(mode="default", scope="blocks", fullgraph=True), backend="aot_eager")
+    with torch.no_grad():
+        for i in (0, 10):
+            step(with_fp8, i)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert torch.allclose(step(with_fp8, 10), quant, atol=1e-5) and torch.equal(step(with_fp8, 0), step(plain, 0))
+
+
+def test_fp8_attention_quantization_fills_the_fp8_range_per_head():
+    """quantize_qkv: each head's amax lands on fp8's 448 (per query head / per KV head scales), V key-minor, and
+    the emulated attention is within fp8 rounding of float32 SDPA (GQA included)."""
+    from cosmos3_compiled import fp8_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 40, 16, generator=gen) * torch.tensor([0.3, 1.0, 1.0, 2.0])[:, None, None]
+    k, v = (torch.randn(2, 70, 16, generator=gen) for _ in range(2))
+    q8, k8, v8t, s_qk, sv = fp8_attention.quantize_qkv(q, k, v)
+    for t in (q8, k8, v8t):
+        assert torch.equal(t.float().abs().amax(dim=(1, 2)), torch.full((t.shape[0],), 448.0))
+    assert v8t.shape == (2, 16, 70) and v8t.is_contiguous()
+    out = fp8_attention.emulate(q8, k8, v8t, s_qk, sv, torch.float32, block=32)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=True)[0]
+    ref = ref.transpose(0, 1).reshape(40, 64)
+    err = (out - ref).norm() / ref.norm()  # e4m3 keeps 3 mantissa bits: a few percent on Q, K, V and P each
+    assert err.item() < 0.08
+    whole = fp8_attention.emulate(q8, k8, v8t, s_qk, sv, torch.float32)  # default block: all 70 keys at once
+    assert torch.equal(fp8_attention.attention(q, k, v), whole)  # the CPU path is the emulation

@@ -145,6 +145,8 @@ def test_precision_overrides_checked_in_one_line(folders, tmp_path):
         (src, ["precision.first_steps=2"], "precision.first_steps=2 applies to FP8"),
         (None, ["precision.policy=a16"], "embedded default model is not quantized"),
         (dst, ["precision.policy=a8", "precision.last_steps=1"], "precision.last_steps sets a W8A16 window"),
+        (src, ["precision.fp8_attention=true"], "precision.fp8_attention=true applies to FP8"),
+        (dst, ["precision.policy=a16", "precision.fp8_attention=true"], "fp8_attention=true runs at the W8A8 steps"),
     ]:
         with pytest.raises(RequestError, match=match) as err:
             if folder is None:
@@ -155,6 +157,8 @@ def test_precision_overrides_checked_in_one_line(folders, tmp_path):
     assert _prepare(src, tmp_path).precision is None  # the default on an unquantized checkpoint: nothing to do
     job = _prepare(dst, tmp_path, "precision.first_steps=0", "precision.last_steps=1", "sampler.num_inference_steps=4")
     assert job.precision.schedule(4) == ["W8A8"] * 3 + ["W8A16"]
+    job = _prepare(dst, tmp_path, "precision.fp8_attention=true", "sampler.num_inference_steps=8")
+    assert [job.precision.step_modes(i, 8)[-1] for i in range(8)] == ["bf16"] * 3 + ["fp8"] * 2 + ["bf16"] * 3
     # a checkpoint with no step policy (the distilled ones) stays W8A8, as the reference's auto mode
     assert mp.Cosmos3MixedPrecisionConfig.resolve(
         quantization_config={"quant_method": "modelopt", "quant_algo": "FP8"}).enabled is False

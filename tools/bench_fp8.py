@@ -19,6 +19,7 @@ CPU dry run:    python tools/bench_fp8.py --checkpoint /tmp/dbg-fp8 --preset deb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -100,7 +101,9 @@ def main() -> None:
     # (label, model, policy, a step of a 35-step run that runs the regime)
     configs = [("bf16", bf16, None, 0), ("fp8 W8A16 step (shipped policy)", quant, shipped, 0),
                ("fp8 W8A8 step (shipped policy)", quant, shipped, 10), ("fp8 every linear W8A8 (policy=a8)", quant,
-                                                                        every_a8, 10)]
+                                                                        every_a8, 10),
+               ("fp8 W8A8 step + FP8 attention (precision.fp8_attention)", quant,
+                dataclasses.replace(shipped, fp8_attention=True), 10)]
     rows = []
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.text_len,), generator=gen)
