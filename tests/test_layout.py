@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cosmos3_compiled"
 # imported where first needed: optional extras (flash-attn-4, submitit, Triton) and inductor, which an eager
 # run never loads
-LAZY = {"flash_attn.cute", "submitit.helpers", "triton_kernels", "torch._inductor.config",
+LAZY = {"flash_attn.cute", "submitit.helpers", "triton_kernels", "fp8_attention_kernel", "torch._inductor.config",
         "torch._inductor"}  # `from torch._inductor import inductor_prims`: registers a lowering when imported
 
 
