@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from .errors import RequestError
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 P_SCALE = 256.0  # P ∈ (0, 1] is multiplied by this before its fp8 rounding (fewer subnormals), divided out at the end
@@ -38,13 +40,11 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q [Hq, N, D], k/v [Hkv, M, D] (any strides) → (q8 [Hq, N, D], k8 [Hkv, M, D], v8t [Hkv, D, M] contiguous,
     sq·sk [Hq] fp32 (the logit scale, per query head), sv [Hkv] fp32), per the module docstring."""
     hq, hkv, d = q.shape[0], k.shape[0], q.shape[-1]
-    qc = q.float() * (LOG2E / math.sqrt(d))
-    sq = qc.abs().amax(dim=(1, 2)).clamp_min(1e-12) / FP8_MAX
-    sk = k.float().abs().amax(dim=(1, 2)).clamp_min(1e-12) / FP8_MAX
-    sv = v.float().abs().amax(dim=(1, 2)).clamp_min(1e-12) / FP8_MAX
+    qc, kf, vf = q.float() * (LOG2E / math.sqrt(d)), k.float(), v.float()
+    sq, sk, sv = (t.abs().amax(dim=(1, 2)).clamp_min(1e-12) / FP8_MAX for t in (qc, kf, vf))
     q8 = (qc / sq[:, None, None]).to(FP8)
-    k8 = (k.float() / sk[:, None, None]).to(FP8).contiguous()
-    v8t = (v.float() / sv[:, None, None]).to(FP8).transpose(1, 2).contiguous()
+    k8 = (kf / sk[:, None, None]).to(FP8).contiguous()
+    v8t = (vf / sv[:, None, None]).to(FP8).transpose(1, 2).contiguous()
     s_qk = sq * sk.repeat_interleave(hq // hkv)
     return q8, k8, v8t, s_qk, sv
 
@@ -73,6 +73,16 @@ def emulate(q8: torch.Tensor, k8: torch.Tensor, v8t: torch.Tensor, s_qk: torch.T
         run_max = new_max
     out = acc * sv.repeat_interleave(g)[:, None, None] / (P_SCALE * run_sum)
     return out.transpose(0, 1).reshape(n, hq * d).to(out_dtype)
+
+
+def check_supported(device: torch.device) -> None:
+    """Raise a one-line `RequestError` when `device` is a GPU without FP8 tensor cores (before heavy work)."""
+    if device.type != "cuda":
+        return  # the CPU runs the emulation
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise RequestError(f"precision.fp8_attention=true needs FP8 tensor cores (compute capability 8.9 or newer); "
+                           f"this GPU is sm{major}{minor}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import action as action_mod
-from . import attention, sharding
+from . import attention, fp8_attention, sharding
 from .audio import AAC_SAMPLE_RATES
 from .components import DTYPES, CheckpointSpec, read_checkpoint
 from .compile import BACKGROUND_SAFE_MODES
@@ -542,11 +542,8 @@ def prepare(cfg: DictConfig, out_dir: str | Path, writes: bool = True) -> Job:
     model = preset(cfg.model.name) if checkpoint is None else checkpoint.transformer
     cfg, chosen = machine_defaults(cfg, checkpoint, request, model)
     auto.update(chosen)
-    if precision is not None and precision.fp8_attention and str(cfg.device) == "cuda":
-        major, minor = torch.cuda.get_device_capability()
-        if (major, minor) < (8, 9):
-            raise RequestError(f"precision.fp8_attention=true needs FP8 tensor cores (compute capability 8.9 or newer); "
-                               f"this GPU is sm{major}{minor}")
+    if precision is not None and precision.fp8_attention:
+        fp8_attention.check_supported(torch.device(str(value(cfg.device))))
     request = dataclasses.replace(request, use_system_prompt=bool(cfg.sampler.use_system_prompt))
     settings = check_settings(cfg, model)
     out_dir = Path(out_dir)
