@@ -84,15 +84,26 @@ def scaled_mm(x8: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tensor, scale_b
             rows = scale_a.to(dev).reshape(1, 1).expand(x8.shape[0], 1).contiguous()
             return torch._scaled_mm(x8, w8.t(), scale_a=rows, scale_b=scale_b.to(dev).reshape(1, -1),
                                     out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
-        # each scale as its own 0-dim buffer: inductor's _scaled_mm template cannot take a 0-dim view into the
-        # per-slice scale vector (its lowering fails on the select)
-        sa, sb = (t.to(dev).reshape(()).clone() for t in (scale_a, scale_b))
-        return torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=out_dtype,
-                                use_fast_accum=FAST_ACCUM)
+        return tensorwise_scaled_mm(x8, w8, scale_a.to(dev), scale_b.to(dev), bias, out_dtype)
     acc = (x8.float() @ w8.float().t()) * (scale_a.float() * scale_b.float())
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(out_dtype)
+
+
+@torch.library.custom_op("cosmos3::tensorwise_scaled_mm", mutates_args=())
+def tensorwise_scaled_mm(x8: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """`torch._scaled_mm` with one scale per operand, opaque to inductor. Its own lowering of `_scaled_mm` (torch
+    2.11) breaks on a per-tensor scale that is a 0-dim view into a fused linear's per-slice scale vector; the GEMM
+    is cuBLAS either way, and the input quantisation before it still fuses into the previous kernel."""
+    return torch._scaled_mm(x8, w8.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=FAST_ACCUM)
+
+
+@tensorwise_scaled_mm.register_fake
+def _(x8, w8, scale_a, scale_b, bias, out_dtype):
+    return x8.new_empty((x8.shape[0], w8.shape[0]), dtype=out_dtype)
 
 
 class Fp8Linear(nn.Module):
