@@ -96,7 +96,10 @@ def tensorwise_scaled_mm(x8: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tens
                          bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """`torch._scaled_mm` with one scale per operand, opaque to inductor. Its own lowering of `_scaled_mm` (torch
     2.11) breaks on a per-tensor scale that is a 0-dim view into a fused linear's per-slice scale vector; the GEMM
-    is cuBLAS either way, and the input quantisation before it still fuses into the previous kernel."""
+    is cuBLAS either way, and the input quantisation before it still fuses into the previous kernel.
+    cuBLASLt refuses a scale pointer off 16-byte alignment (a later slice's scale inside that vector): such a
+    scale is copied first."""
+    scale_a, scale_b = (t.clone() if t.storage_offset() % 4 else t for t in (scale_a, scale_b))
     return torch._scaled_mm(x8, w8.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype,
                             use_fast_accum=FAST_ACCUM)
 
