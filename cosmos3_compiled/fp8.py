@@ -99,7 +99,7 @@ def tensorwise_scaled_mm(x8: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tens
     is cuBLAS either way, and the input quantisation before it still fuses into the previous kernel.
     cuBLASLt refuses a scale pointer off 16-byte alignment (a later slice's scale inside that vector): such a
     scale is copied first."""
-    scale_a, scale_b = (t.clone() if t.storage_offset() % 4 else t for t in (scale_a, scale_b))
+    scale_a, scale_b = (t.clone() if t.data_ptr() % 16 else t for t in (scale_a, scale_b))
     return torch._scaled_mm(x8, w8.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype,
                             use_fast_accum=FAST_ACCUM)
 
