@@ -273,13 +273,22 @@ class DecodeWarmup:
         return self.record.get("graphs", 0)
 
     def join(self) -> dict:
-        """Wait for the warm-up (no-op if it never started); its metrics record."""
+        """Wait for the warm-up (no-op if it never started); its metrics record. `waited_s`: the host's wait for
+        the thread; on CUDA also `after_steps_s`, the part of it after the GPU had run everything queued before the
+        join (the steps): the time the warm-up added to the denoise stage beyond the step times."""
         if self.thread is None:
             self.record["started_after_step"] = None
             return self.record
         t0 = time.perf_counter()
+        dev = self.vae.device
+        if dev.type == "cuda" and self.thread.is_alive():
+            torch.cuda.synchronize(dev)  # the steps' replays are done; the decode syncs anyway after this
+        t1 = time.perf_counter()
         self.thread.join()
-        self.record["waited_s"] = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        self.record["waited_s"] = t2 - t0
+        if dev.type == "cuda":
+            self.record["after_steps_s"] = t2 - t1
         return self.record
 
 

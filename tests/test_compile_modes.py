@@ -89,6 +89,7 @@ def test_cuda_decode_warmup_beside_the_cuda_graph_loop(tmp_path):
         torch.compiler.reset()  # the second run compiles its decode again, on the warm-up's thread
     warm = state.metrics["decode_warmup"]
     assert "error" not in warm and warm["graphs"] >= 3 and warm["started_after_step"] == 0
+    assert 0 <= warm["after_steps_s"] <= warm["waited_s"]
     assert state.metrics["steps"]["recompiles_after_warmup"] == 0
     assert (frames[True] - frames[False]).abs().max().item() <= 1e-6
 
