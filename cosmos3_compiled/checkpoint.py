@@ -89,11 +89,14 @@ def init_random_(model: Cosmos3Transformer, seed: int) -> Cosmos3Transformer:
 
 def build_random(
     cfg: TransformerConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    fuse: bool = True, offload_text_tower: bool = False,
+    fuse: bool = True, offload_text_tower: bool = False, pin_text_tower: bool = False,
 ) -> Cosmos3Transformer:
     """A model with seeded random weights (embedded default, benchmarks): meta → allocate in place → fill.
 
-    With `offload_text_tower`, text-tower parameters are allocated in host memory from the start.
+    With `offload_text_tower`, text-tower parameters are allocated in host memory from the start; with
+    `pin_text_tower` too (CUDA), in page-locked memory before they are drawn, so the draws cross to the host at
+    DMA speed instead of through pageable staging, and no second copy packs them afterwards (Super's text tower
+    is 64 GB). Same weights either way.
     """
     with torch.device("meta"):
         model = Cosmos3Transformer(cfg)
@@ -106,6 +109,8 @@ def build_random(
             keep = torch.float32 if name.startswith(Cosmos3Transformer.keep_fp32) else dtype
             module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=keep, device=target),
                                                      requires_grad=False)
+    if offload_text_tower and pin_text_tower:
+        offload.offload_text_tower(model, pin=True, keep_values=False)  # a no-op pin off CUDA
     init_random_(model, seed)
     model.eval().requires_grad_(False)
     if offload_text_tower:

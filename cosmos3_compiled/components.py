@@ -57,14 +57,15 @@ def init_vae_random_(vae: WanVAE, seed: int) -> WanVAE:
 
 
 def build_embedded(name: str, seed: int, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
-                   offload_text_tower: bool = False):
+                   offload_text_tower: bool = False, pin_text_tower: bool = False):
     """The embedded default: seeded random transformer and VAE, built-in tokenizer.
 
     `debug` sizes get a tiny VAE (drawn on the CPU, so every machine gets the same weights); other
     presets get the real Wan2.2 VAE widths, drawn on `device`.
     """
     cfg = preset(name)
-    transformer = build_random(cfg, seed=seed, dtype=dtype, device=device, offload_text_tower=offload_text_tower)
+    transformer = build_random(cfg, seed=seed, dtype=dtype, device=device, offload_text_tower=offload_text_tower,
+                               pin_text_tower=pin_text_tower)
     full = not name.startswith("debug")
     vae = build_vae(VAEConfig.from_dict(embedded_vae_config(cfg.latent_channel, full)), device=device if full else "cpu")
     init_vae_random_(vae, seed + 1).to(device=device, dtype=vae_dtype).eval().requires_grad_(False)

@@ -35,16 +35,18 @@ def text_offloaded(model) -> bool:
     return model.embed_tokens.weight.device != model.device
 
 
-def offload_text_tower(model, pin: bool = False) -> None:
+def offload_text_tower(model, pin: bool = False, keep_values: bool = True) -> None:
     """Keep the text tower's weights in host memory; the text pass then holds at most two text layers on the
-    GPU. pin: page-lock them (CUDA only), packed into one host buffer per dtype registered in place."""
+    GPU. pin: page-lock them (CUDA only), packed into one host buffer per dtype registered in place.
+    keep_values=False: the parameters are about to be overwritten (seeded random weights drawn on the GPU), so
+    the packed buffers are not filled from them; the draws' copies then land in page-locked memory directly."""
     pin = pin and model.device.type == "cuda"
     with torch.no_grad():
         for p in text_params(model):
             if p.device.type != "cpu":
                 p.data = p.data.cpu()
     unpinned = [p for p in text_params(model) if not p.data.is_pinned()] if pin else []
-    pinned = _PinnedHostBuffers(unpinned) if unpinned else None
+    pinned = _PinnedHostBuffers(unpinned, keep_values) if unpinned else None
     if model.device.type != "cpu":
         previous = model.text_weights
         # the buffers must outlive every parameter that views them: the hook keeps them with the model
@@ -106,7 +108,7 @@ class _PinnedHostBuffers:
 
     ALIGN = 256  # bytes: each parameter starts on a DMA-friendly boundary
 
-    def __init__(self, params: list[nn.Parameter]):
+    def __init__(self, params: list[nn.Parameter], keep_values: bool = True):
         self.buffers: list[torch.Tensor] = []
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in params:
@@ -122,7 +124,8 @@ class _PinnedHostBuffers:
             with torch.no_grad():
                 for p, off in zip(group, offsets):
                     view = flat[off : off + p.numel()].view(p.shape)
-                    view.copy_(p.data)
+                    if keep_values:
+                        view.copy_(p.data)
                     p.data = view
             err = cudart.cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0)
             if int(err) != 0:

@@ -46,7 +46,8 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
     offload_text, stats = cfg.compile.offload_text_tower, {}
     if job.checkpoint is None:
         transformer, vae, tokenizer = build_embedded(cfg.model.name, cfg.model.init_seed, device, s.dtype,
-                                                     s.vae_dtype, offload_text_tower=offload_text)
+                                                     s.vae_dtype, offload_text_tower=offload_text,
+                                                     pin_text_tower=bool(cfg.compile.pin_text_tower))
         source = f"embedded:{cfg.model.name}"
     else:
         transformer, vae, tokenizer = load_checkpoint(job.checkpoint, device, s.dtype, s.vae_dtype,

@@ -113,6 +113,20 @@ def test_offloaded_text_pass_streams_the_same_keys_and_values():
     assert text_params and all(p.device.type == "cpu" and p.is_pinned() for p in text_params)
 
 
+def test_random_text_tower_drawn_into_page_locked_memory_is_the_same_model():
+    """compile.pin_text_tower with seeded random weights: the text tower is page-locked before it is drawn (no
+    packing copy afterwards); every parameter equals the model built resident and the weights stay pinned."""
+    dev = torch.device("cuda")
+    resident = build_random(preset("debug"), seed=4, dtype=torch.bfloat16, device=dev)
+    pinned = build_random(preset("debug"), seed=4, dtype=torch.bfloat16, device=dev, offload_text_tower=True,
+                          pin_text_tower=True)
+    want = dict(resident.named_parameters())
+    for name, p in pinned.named_parameters():
+        assert torch.equal(p.detach().cpu(), want[name].detach().cpu()), name
+    text_params = offload.text_params(pinned)
+    assert text_params and all(p.device.type == "cpu" and p.is_pinned() for p in text_params)
+
+
 def test_fp8_rowwise_fused_linear_matches_the_separate_linears_on_cuda():
     """The W8A8 q|k|v-style fusion with one input scale runs one row-wise `_scaled_mm` on the GPU; its outputs
     are the separate per-tensor GEMMs' to one bf16 rounding step, inside a fullgraph compile too."""

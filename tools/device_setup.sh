@@ -3,6 +3,8 @@
 # unpack a carried `cu13.tar.xz` (the CuTe compiler library of nvidia-cutlass-dsl-libs-cu13, too large for one
 # call as a wheel) over it. Idempotent: a warm machine keeps /tmp/site between calls. Prints the PYTHONPATH to use.
 #   source tools/device_setup.sh .gpu1 [.gpu2 ...]
+# The folders are git-ignored (.git/info/exclude): a device call must name them in its `carry`, or they do not
+# travel and the CLI fails on `import hydra`.
 SITE=${SITE:-/tmp/site}
 mkdir -p "$SITE"
 for dir in "$@"; do
