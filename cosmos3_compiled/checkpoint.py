@@ -21,6 +21,7 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 def load_transformer(
     folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
     offload_text_tower: bool = False, cfg: TransformerConfig | None = None, stats: dict | None = None,
+    pin_text_tower: bool = False,
 ) -> Cosmos3Transformer:
     """Build on the meta device and assign the official `transformer/` weights (one file or shards), strictly.
 
@@ -30,7 +31,8 @@ def load_transformer(
     The time embedder stays in fp32, as in the reference. Video-tower projections are fused after loading.
     An FP8 (ModelOpt) checkpoint loads as it is: the linears carrying `weight_scale` become `fp8.Fp8Linear`s
     whose fp8 weights and float32 scales stay as stored; `dtype` is then the activation (compute) dtype.
-    With `offload_text_tower`, text-tower weights are read into host memory and never held on `device`.
+    With `offload_text_tower`, text-tower weights are read into host memory and never held on `device`; with
+    `pin_text_tower` too (CUDA), straight into page-locked buffers (no packing copy afterwards).
     `cfg`: the folder's config when the caller already parsed it (`components.read_checkpoint`).
     `stats`: filled with `bytes` (tensor data read) and `seconds` (wall time of the reads and copies).
     """
@@ -45,13 +47,13 @@ def load_transformer(
     ignore = frozenset(
         k for k in header if k in Cosmos3Transformer.unused_keys or k.startswith(model.unused_prefixes)
     )
-    load_strict(model, files, dtype, device, ignore=ignore, keep_fp32=Cosmos3Transformer.keep_fp32,
-                where=str(folder), host=offload.is_text_param if offload_text_tower else None, header=header,
-                stats=stats)
+    pinned = load_strict(model, files, dtype, device, ignore=ignore, keep_fp32=Cosmos3Transformer.keep_fp32,
+                         where=str(folder), host=offload.is_text_param if offload_text_tower else None,
+                         header=header, stats=stats, pin_host=offload_text_tower and pin_text_tower)
     model.eval().requires_grad_(False)
     fp8.finish_load_(model)
     if offload_text_tower:
-        offload.offload_text_tower(model)
+        offload.offload_text_tower(model, buffers=pinned)
     model.setup_buffers()
     return model
 

@@ -10,8 +10,6 @@ copied, so the host never holds more than the ring (plus the tensors meant to li
 
 from __future__ import annotations
 
-from .errors import RequestError
-
 import json
 import os
 import queue
@@ -25,6 +23,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from .errors import RequestError
+from .offload import PinnedHostBuffers
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -201,9 +202,11 @@ def stream_tensors(
     targets: Mapping[str, tuple[torch.device, torch.dtype]],
     stats: dict | None = None,
     staged: bool | None = None,
+    host_out: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read the tensors named in `targets` (key → (device, dtype)), each cast on its device only where the
-    file's dtype differs.
+    file's dtype differs. `host_out`: for some host targets, the tensor to read into (of the target's shape and
+    dtype, e.g. a page-locked buffer's view); it is what the result holds for that key.
 
     `staged` (default: whenever a target is a CUDA device): read through the pinned ring in a background thread
     (`_Stager`); otherwise take the safetensors memory maps as they are. `stats` gets `bytes` (tensor data
@@ -216,9 +219,9 @@ def stream_tensors(
     t0 = time.perf_counter()
     keys = [k for k in header if k in targets]  # file order
     if staged:
-        out = _Stager(header, keys, targets).run()
+        out = _Stager(header, keys, targets, host_out=host_out).run()
     else:
-        out = _read_mapped(header, keys, targets)
+        out = _read_mapped(header, keys, targets, host_out)
     for d in devices:
         if d.type == "cuda":
             torch.cuda.synchronize(d)
@@ -229,7 +232,7 @@ def stream_tensors(
     return out
 
 
-def _read_mapped(header, keys, targets) -> dict[str, torch.Tensor]:
+def _read_mapped(header, keys, targets, host_out=None) -> dict[str, torch.Tensor]:
     """Safetensors memory maps, one shard open at a time: no copy unless a dtype or device differs."""
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
@@ -240,12 +243,21 @@ def _read_mapped(header, keys, targets) -> dict[str, torch.Tensor]:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for k in names:
                     dev, dt = targets[k]
-                    out[k] = f.get_tensor(k).to(device=dev, dtype=dt)
+                    out[k] = _into(host_out, k, f.get_tensor(k).to(device=dev, dtype=dt))
         except CheckpointError:
             raise
         except Exception as err:  # safetensors raises its own error types for truncated data
             raise CheckpointError(f"cannot read {path}: {err}") from None
     return out
+
+
+def _into(host_out, k: str, t: torch.Tensor) -> torch.Tensor:
+    """`t`, or `host_out[k]` filled with it where the caller gave one."""
+    dst = host_out.get(k) if host_out else None
+    if dst is None:
+        return t
+    dst.copy_(t)
+    return dst
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
@@ -264,11 +276,13 @@ class _Stager:
     the tensor's device buffer on the current CUDA stream and records an event, and the slot is refilled only
     after that event. Several reads in flight keep a page-cache copy or a deep disk queue busy where one thread
     would wait on each read in turn. Tensors meant for host memory are read straight into their own (unpinned)
-    tensors by a reader. The result keeps the file order of `keys`."""
+    tensors by a reader (or into the caller's `host_out` tensor for that key, when its dtype is the file's). The
+    result keeps the file order of `keys`."""
 
-    def __init__(self, header, keys, targets, ring: frozenset[str] | None = None):
+    def __init__(self, header, keys, targets, ring: frozenset[str] | None = None, host_out=None):
         """`ring`: the keys that go through the ring (default: those whose target is not the CPU)."""
         self.header, self.keys, self.targets = header, keys, targets
+        self.host_out = host_out or {}
         self.ring = frozenset(k for k in keys if targets[k][0].type != "cpu") if ring is None else ring
         cuda = any(targets[k][0].type == "cuda" for k in keys)
         staged_bytes = sum(header[k].nbytes for k in keys if k in self.ring)
@@ -318,10 +332,12 @@ class _Stager:
                 fd = fds[e.path]
                 if k not in self.ring:
                     dev, dt = self.targets[k]
-                    t = torch.empty(e.shape, dtype=e.dtype)
+                    dst = self.host_out.get(k)
+                    direct = dst is not None and dst.dtype == e.dtype  # no cast: the file's bytes go straight in
+                    t = dst if direct else torch.empty(e.shape, dtype=e.dtype)
                     if e.nbytes:
                         _pread_into(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), e.start, e.path)
-                    self.ready.put(("host", k, t.to(device=dev, dtype=dt)))
+                    self.ready.put(("host", k, t if direct else _into(self.host_out, k, t.to(device=dev, dtype=dt))))
                     continue
                 i = self._take_slot()
                 if i is None:
@@ -411,12 +427,15 @@ def load_strict(
     host: Callable[[str], bool] | None = None,
     header: Mapping[str, TensorEntry] | None = None,
     stats: dict | None = None,
-) -> None:
+    pin_host: bool = False,
+):
     """Check `files` against `module` (built on the meta device) from the headers, then stream the weights
     straight to where they live and assign them (no second copy).
 
     Casting as in `assign_strict`; keys for which `host(key)` is true are kept in host memory; keys in
-    `ignore` are never read.
+    `ignore` are never read. `pin_host` (a CUDA `device`): the host keys are read straight into page-locked
+    buffers (`offload.PinnedHostBuffers`), returned so the caller keeps them as long as the module; otherwise
+    returns None.
     """
     header = read_header(files) if header is None else header
     check_strict(module, {k: e.shape for k, e in header.items()}, ignore, where)
@@ -425,8 +444,13 @@ def load_strict(
         k: (cpu if host is not None and host(k) else dev, _target_dtype(k, header[k].dtype, dtype, keep_fp32))
         for k in module.state_dict(keep_vars=True)
     }
-    state = stream_tensors(header, targets, stats)
+    pinned = None
+    if pin_host and dev.type == "cuda":
+        on_host = {k: (header[k].shape, dt) for k, (d, dt) in targets.items() if d.type == "cpu"}
+        pinned = PinnedHostBuffers(on_host) if on_host else None
+    state = stream_tensors(header, targets, stats, host_out=pinned.views if pinned is not None else None)
     module.load_state_dict(state, strict=True, assign=True)
+    return pinned
 
 
 def assign_strict(

@@ -114,11 +114,13 @@ def read_checkpoint(folder: str | Path) -> CheckpointSpec:
 
 
 def load_checkpoint(spec: CheckpointSpec, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
-                    with_encoder: bool, offload_text_tower: bool = False, stats: dict | None = None):
+                    with_encoder: bool, offload_text_tower: bool = False, stats: dict | None = None,
+                    pin_text_tower: bool = False):
     """Transformer, VAE and tokenizer of a checked checkpoint (the scheduler is built from `spec.scheduler`).
     `stats`: filled with the transformer read's bytes and seconds (`checkpoint.load_transformer`)."""
     transformer = load_transformer(spec.folder / "transformer", dtype=dtype, device=device,
-                                   offload_text_tower=offload_text_tower, cfg=spec.transformer, stats=stats)
+                                   offload_text_tower=offload_text_tower, cfg=spec.transformer, stats=stats,
+                                   pin_text_tower=pin_text_tower)
     vae = load_vae(spec.folder / "vae", dtype=vae_dtype, device=device, with_encoder=with_encoder, cfg=spec.vae)
     tokenizer = PromptTokenizer.from_folder(spec.folder / "text_tokenizer")
     return transformer, vae, tokenizer

@@ -9,6 +9,9 @@ done with `cudaHostRegister` on packed buffers rather than `Tensor.pin_memory`: 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -35,22 +38,25 @@ def text_offloaded(model) -> bool:
     return model.embed_tokens.weight.device != model.device
 
 
-def offload_text_tower(model, pin: bool = False, keep_values: bool = True) -> None:
+def offload_text_tower(model, pin: bool = False, keep_values: bool = True,
+                       buffers: "PinnedHostBuffers | None" = None) -> None:
     """Keep the text tower's weights in host memory; the text pass then holds at most two text layers on the
-    GPU. pin: page-lock them (CUDA only), packed into one host buffer per dtype registered in place.
-    keep_values=False: the parameters are about to be overwritten (seeded random weights drawn on the GPU), so
-    the packed buffers are not filled from them; the draws' copies then land in page-locked memory directly."""
+    GPU. pin: page-lock them (CUDA only), packed into one host buffer per dtype registered in place (those
+    already page-locked stay where they are). keep_values=False: the parameters are about to be overwritten
+    (seeded random weights drawn on the GPU), so the packed buffers are not filled from them; the draws' copies
+    then land in page-locked memory directly. `buffers`: the page-locked buffers the weights were read into
+    (`checkpoint_io.load_strict(pin_host=True)`), kept with the model as long as it lives."""
     pin = pin and model.device.type == "cuda"
     with torch.no_grad():
         for p in text_params(model):
             if p.device.type != "cpu":
                 p.data = p.data.cpu()
-    unpinned = [p for p in text_params(model) if not p.data.is_pinned()] if pin else []
-    pinned = _PinnedHostBuffers(unpinned, keep_values) if unpinned else None
+    unpinned = {n: p for n, p in model.named_parameters() if is_text_param(n) and not p.data.is_pinned()} if pin else {}
+    pinned = PinnedHostBuffers.holding(unpinned, keep_values) if unpinned else None
     if model.device.type != "cpu":
         previous = model.text_weights
         # the buffers must outlive every parameter that views them: the hook keeps them with the model
-        keep = [pinned] if pinned is not None else []
+        keep = [b for b in (pinned, buffers) if b is not None]
         keep += getattr(previous, "pinned", [])
         model.text_weights = _TextWeightStreamer(model, model.device, keep)
 
@@ -60,7 +66,7 @@ class _TextWeightStreamer:
     computes, layer i + 1's host-to-device copies run on a side stream (pinned memory, so they overlap), and
     at most two layers' weights are resident."""
 
-    def __init__(self, model, dev: torch.device, pinned: list["_PinnedHostBuffers"]):
+    def __init__(self, model, dev: torch.device, pinned: list["PinnedHostBuffers"]):
         self.params = [text_params(model, f"layers.{i}.") for i in range(len(model.layers))]
         self.dev = dev
         self.pinned = pinned
@@ -101,37 +107,47 @@ class _TextWeightStreamer:
         self.host = []
 
 
-class _PinnedHostBuffers:
-    """Host parameters moved into one buffer per dtype, page-locked in place with `cudaHostRegister` (one call,
-    no pinned-allocator rounding), and unregistered before the buffers can be freed: the owner keeps this
-    object exactly as long as the parameters that view the buffers."""
+class PinnedHostBuffers:
+    """Host tensors packed into one buffer per dtype, page-locked in place with `cudaHostRegister` (one call, no
+    pinned-allocator rounding), and unregistered before the buffers can be freed: the owner keeps this object
+    exactly as long as the tensors that view the buffers. `specs`: name → (shape, dtype); `views[name]` is that
+    tensor's place, uninitialized (a checkpoint's text tower is read straight into it: no second copy)."""
 
-    ALIGN = 256  # bytes: each parameter starts on a DMA-friendly boundary
+    ALIGN = 256  # bytes: each tensor starts on a DMA-friendly boundary
 
-    def __init__(self, params: list[nn.Parameter], keep_values: bool = True):
+    def __init__(self, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]):
         self.buffers: list[torch.Tensor] = []
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
+        self.views: dict[str, torch.Tensor] = {}
+        by_dtype: dict[torch.dtype, list[tuple[str, tuple[int, ...]]]] = {}
+        for name, (shape, dtype) in specs.items():
+            by_dtype.setdefault(dtype, []).append((name, tuple(shape)))
         cudart = torch.cuda.cudart()
         for dtype, group in by_dtype.items():
-            step = max(1, self.ALIGN // group[0].element_size())
+            step = max(1, self.ALIGN // torch.empty((), dtype=dtype).element_size())
             offsets, total = [], 0
-            for p in group:
+            for _, shape in group:
                 offsets.append(total)
-                total += -(-p.numel() // step) * step
+                total += -(-math.prod(shape) // step) * step
             flat = torch.empty(total, dtype=dtype)
-            with torch.no_grad():
-                for p, off in zip(group, offsets):
-                    view = flat[off : off + p.numel()].view(p.shape)
-                    if keep_values:
-                        view.copy_(p.data)
-                    p.data = view
             err = cudart.cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {flat.numel() * flat.element_size() / 2**30:.1f} GiB "
                                    f"of text-tower weights failed ({err})")
             self.buffers.append(flat)
+            for (name, shape), off in zip(group, offsets):
+                self.views[name] = flat[off : off + math.prod(shape)].view(shape)
+
+    @classmethod
+    def holding(cls, params: Mapping[str, nn.Parameter], keep_values: bool = True) -> "PinnedHostBuffers":
+        """Move `params` (name → host parameter) into new page-locked buffers; keep_values=False leaves the
+        values behind (the parameters are about to be overwritten)."""
+        pinned = cls({n: (tuple(p.shape), p.dtype) for n, p in params.items()})
+        with torch.no_grad():
+            for n, p in params.items():
+                if keep_values:
+                    pinned.views[n].copy_(p.data)
+                p.data = pinned.views[n]
+        return pinned
 
     def __del__(self):
         if torch.cuda.is_initialized():

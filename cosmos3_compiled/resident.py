@@ -52,7 +52,8 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
     else:
         transformer, vae, tokenizer = load_checkpoint(job.checkpoint, device, s.dtype, s.vae_dtype,
                                                       with_encoder=job.request.encodes,
-                                                      offload_text_tower=offload_text, stats=stats)
+                                                      offload_text_tower=offload_text, stats=stats,
+                                                      pin_text_tower=bool(cfg.compile.pin_text_tower))
         source = str(job.checkpoint.folder)
         if stats.get("seconds"):
             stats["gb_per_s"] = stats["bytes"] / stats["seconds"] / 1e9

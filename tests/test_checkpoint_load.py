@@ -119,6 +119,21 @@ def test_staged_reader_equals_the_memory_maps(sharded, monkeypatch):
     assert all(_same(ringed[k], mapped[k]) and _same(direct[k], mapped[k]) for k in header)
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_host_tensors_read_into_the_callers_buffers(sharded, staged):
+    """`host_out` (the page-locked text-tower buffers on CUDA): a host key is read into the caller's tensor, the
+    file's bytes straight in or cast into it, and the result is that very tensor; other keys as before."""
+    header = read_header(weight_files(sharded / "transformer"))
+    cpu = torch.device("cpu")
+    keys = list(header)
+    targets = {k: (cpu, torch.bfloat16 if i % 2 else header[k].dtype) for i, k in enumerate(keys)}
+    mine = {k: torch.empty(header[k].shape, dtype=targets[k][1]) for k in keys[:6]}
+    got = stream_tensors(header, targets, staged=staged, host_out=mine)
+    want = stream_tensors(header, targets, staged=False)
+    assert all(got[k] is mine[k] for k in mine)
+    assert all(_same(got[k], want[k]) for k in keys)
+
+
 @pytest.mark.parametrize("readers", [1, 3])
 def test_parallel_readers_equal_the_file(tmp_path, monkeypatch, readers):
     """Several reader threads hand chunks over in any order: every tensor (one of no bytes, one of a single chunk,
@@ -228,4 +243,21 @@ def test_streams_to_cuda(sharded, monkeypatch):
     ref = dict(build_random(preset("debug"), seed=SEED, dtype=torch.bfloat16).named_parameters())
     assert stats["path"] == "stream"
     assert model.proj_in.weight.device.type == "cuda" and model.embed_tokens.weight.device.type == "cpu"
+    assert all(_same(p.cpu(), ref[k]) for k, p in model.named_parameters())
+
+
+@pytest.mark.gpu
+def test_text_tower_read_straight_into_page_locked_memory(sharded):
+    """compile.pin_text_tower with a checkpoint: the text tower is read into page-locked buffers made before the
+    read, so page-locking it afterwards finds nothing left to pack; the weights are the file's."""
+    from cosmos3_compiled import offload
+
+    model = load_transformer(sharded / "transformer", dtype=torch.bfloat16, device="cuda", offload_text_tower=True,
+                             pin_text_tower=True)
+    text = offload.text_params(model)
+    assert text and all(p.device.type == "cpu" and p.is_pinned() for p in text)
+    held = list(model.text_weights.pinned)
+    offload.offload_text_tower(model, pin=True)  # what load_models does next: nothing to pack
+    assert [id(b) for b in model.text_weights.pinned] == [id(b) for b in held]
+    ref = dict(build_random(preset("debug"), seed=SEED, dtype=torch.bfloat16).named_parameters())
     assert all(_same(p.cpu(), ref[k]) for k, p in model.named_parameters())
