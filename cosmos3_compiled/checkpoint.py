@@ -111,12 +111,10 @@ def build_random(
             keep = torch.float32 if name.startswith(Cosmos3Transformer.keep_fp32) else dtype
             module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=keep, device=target),
                                                      requires_grad=False)
-    if offload_text_tower and pin_text_tower:
-        offload.offload_text_tower(model, pin=True, keep_values=False)  # a no-op pin off CUDA
+    if offload_text_tower:  # page-locked (CUDA) before the draws fill it
+        offload.offload_text_tower(model, pin=pin_text_tower, keep_values=False)
     init_random_(model, seed)
     model.eval().requires_grad_(False)
-    if offload_text_tower:
-        offload.offload_text_tower(model)
     if fuse:
         model.setup_buffers()
     return model

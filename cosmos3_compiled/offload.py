@@ -123,7 +123,7 @@ class PinnedHostBuffers:
             by_dtype.setdefault(dtype, []).append((name, tuple(shape)))
         cudart = torch.cuda.cudart()
         for dtype, group in by_dtype.items():
-            step = max(1, self.ALIGN // torch.empty((), dtype=dtype).element_size())
+            step = max(1, self.ALIGN // dtype.itemsize)
             offsets, total = [], 0
             for _, shape in group:
                 offsets.append(total)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import offload, sharding
+from . import sharding
 from .audio import AudioDecoder, load_audio_decoder
 from .compile import CompilePlan, drop_compiled
 from .components import build_embedded, load_checkpoint
@@ -59,10 +58,6 @@ def load_models(cfg: DictConfig, job: Job, device: torch.device, par: Parallel |
             stats["gb_per_s"] = stats["bytes"] / stats["seconds"] / 1e9
     transformer.set_attention_backend(s.attention_backend)
     transformer.set_fused_qk_rope(s.fused_qk_rope)
-    if cfg.compile.pin_text_tower:
-        t0 = time.perf_counter()
-        offload.offload_text_tower(transformer, pin=True)
-        log.info("text-tower weights page-locked in %.1f s", time.perf_counter() - t0)
     if par is not None:
         apply_sequence_parallel(transformer, par.ulysses)
         if par.shard == "fsdp":  # after fusion (setup_buffers, at load) and Ulysses; before the compile plan

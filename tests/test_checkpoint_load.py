@@ -257,7 +257,7 @@ def test_text_tower_read_straight_into_page_locked_memory(sharded):
     text = offload.text_params(model)
     assert text and all(p.device.type == "cpu" and p.is_pinned() for p in text)
     held = list(model.text_weights.pinned)
-    offload.offload_text_tower(model, pin=True)  # what load_models does next: nothing to pack
+    offload.offload_text_tower(model, pin=True)  # page-locking it again: nothing left to pack
     assert [id(b) for b in model.text_weights.pinned] == [id(b) for b in held]
     ref = dict(build_random(preset("debug"), seed=SEED, dtype=torch.bfloat16).named_parameters())
     assert all(_same(p.cpu(), ref[k]) for k, p in model.named_parameters())
